@@ -1,0 +1,118 @@
+"""Typed stage configs, loaded from ``params.yaml`` and validated at load time.
+
+Each stage has one pydantic model; ``params.yaml`` has one section per stage
+with the same field names (the CLI, KFP pipeline parameters and ``dvc.yaml``
+all use these names). Unknown keys and bad values are reported as one line
+naming the file, the key and what is expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import ConfigError
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PrepareConfig(StageConfig):
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of prompts held out for eval")
+    split_salt: str = Field("rlhf-v1", description="salt of the prompt hash that assigns the split")
+    max_line_bytes: int = Field(1 << 20, ge=1024, description="longest accepted input line / record")
+    min_chars: int = Field(1, ge=1)
+
+
+class ValidateConfig(StageConfig):
+    min_rows: dict[str, int] = Field(
+        default_factory=lambda: {"sft": 50, "preferences": 100, "prompts": 20},
+        description="minimum train rows per dataset kind",
+    )
+    min_eval_rows: int = Field(5, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_response_chars: int = Field(4000, ge=1)
+    examples_per_failure: int = Field(5, ge=1, le=100)
+
+
+class ModelConfig(StageConfig):
+    """Which model to load and how (used by sft, reward and ppo)."""
+
+    name: str = Field("tiny", description="'tiny', 'smollm2-135m', a hub id, or a local HF model directory")
+    cache_dir: str | None = Field(None, description="where converted/tiny models are cached "
+                                  "(default $RLHF_CACHE or ~/.cache/rlhf)")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str = "all-linear"
+    # tiny profile: a random-init Llama-style model and a BPE tokenizer trained on the data
+    tiny_hidden: int = Field(64, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+    tiny_vocab: int = Field(1024, ge=300)
+    seed: int = 0
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def _format_error(err: ValidationError, source: str, section: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in (section, *e["loc"]))
+    got = e.get("input")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}' (check the spelling; see params.yaml for the known keys)"
+    return f"{source}: {loc}: {msg} (got {got!r})"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"params file not found: {p}", hint="run from the project root or pass --params")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", where=where) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of stage sections at the top level", where=str(p))
+    return data
+
+
+def build(cls: type[C], values: dict[str, Any] | None, *, source: str = "config", section: str = "") -> C:
+    try:
+        return cls.model_validate(values or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source, section)) from None
+
+
+def load_stage(cls: type[C], section: str, params: str | Path | None = "params.yaml",
+               overrides: dict[str, Any] | None = None) -> C:
+    """Config for one stage: defaults < ``params.yaml`` section < explicit overrides."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if params is not None and Path(params).exists():
+        data = load_yaml(params)
+        sec = data.get(section) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"section '{section}' must be a mapping", where=str(params))
+        values.update(sec)
+        source = str(params)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    return build(cls, values, source=source, section=section)
+
+
+__all__ = ["StageConfig", "PrepareConfig", "ValidateConfig", "ModelConfig", "load_stage", "build", "load_yaml",
+           "model_validator"]

@@ -1,0 +1,323 @@
+"""The prepare stage: raw human data in several formats -> clean Parquet splits.
+
+Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files are
+all read; other files such as README.md are ignored):
+
+* our JSONL, one record per line, the kind told by its fields:
+  ``sft``: ``prompt`` + ``response``; ``preferences``: ``prompt`` + ``chosen`` +
+  ``rejected`` (optional ``annotator``, ``time``); ``prompts``: ``prompt``;
+* chat messages: ``{"messages": [{"role", "content"}, ...]}`` (JSONL, or a
+  ``.json`` file holding a list of such records or of bare message lists); the
+  final assistant turn is the response, everything before it the prompt;
+  ``{"chosen": [messages], "rejected": [messages]}`` is a preference pair;
+* Anthropic HH-RLHF transcripts: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
+  "rejected": ...}``: split into the shared prompt and the two final assistant
+  replies; multi-turn history stays in the prompt.
+
+UTF-8 with or without BOM, LF or CRLF line endings. Anything else gets a
+:class:`~rlhf.errors.DataError` naming the file, the line and the field.
+
+Output: ``<out>/<kind>/{train,eval}.parquet`` + ``manifest.json``. The split is
+a hash of the prompt (so a prompt is never on both sides, in any kind), and
+exact duplicate records are removed and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlhf.config import PrepareConfig
+from rlhf.errors import DataError
+from rlhf.io import atomic_dir, sha256_file, write_manifest
+
+KINDS = ("sft", "preferences", "prompts")
+COLUMNS = {
+    "sft": ["prompt", "response", "source"],
+    "preferences": ["prompt", "chosen", "rejected", "annotator", "time", "source"],
+    "prompts": ["prompt", "source"],
+}
+SUFFIXES = (".jsonl", ".json")
+MAX_JSON_FILE_BYTES = 256 << 20
+
+
+@dataclass
+class Record:
+    kind: str
+    values: dict[str, Any]
+    source: str
+
+
+@dataclass
+class PrepareResult:
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _text(rec: dict, key: str, where: str, *, required: bool = True) -> str | None:
+    if key not in rec or (rec[key] is None and not required):
+        if required:
+            raise DataError(f"missing required field '{key}'", where=where,
+                            hint=f"record has fields {sorted(rec)}")
+        return None
+    v = rec[key]
+    if not isinstance(v, str):
+        raise DataError(f"field '{key}' must be text, got {_type_name(v)}", where=where)
+    return v
+
+
+def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        line_no = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            line_no += 1
+            where = f"{path}:{line_no}"
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise DataError(
+                    f"line is longer than {max_line_bytes:,} bytes", where=where,
+                    hint="split the record or raise prepare.max_line_bytes in params.yaml",
+                )
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                                where=where, hint="re-save the file as UTF-8") from None
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text)
+            except json.JSONDecodeError as e:
+                # a last line without a newline that does not parse: the file was cut off mid-record
+                truncated = not raw.endswith(b"\n")
+                what = "truncated JSON record (the file ends mid-record)" if truncated else \
+                    f"not valid JSON: {e.msg} (column {e.colno})"
+                raise DataError(what, where=where) from None
+
+
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    size = path.stat().st_size
+    if size > MAX_JSON_FILE_BYTES:
+        raise DataError(f"JSON file is {size:,} bytes, over the {MAX_JSON_FILE_BYTES:,} limit",
+                        where=str(path), hint="convert it to JSONL (one record per line)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", where=f"{path}:{line}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}") from None
+    if not isinstance(data, list):
+        data = [data]
+    yield from enumerate(data, start=1)
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(m, dict) and "role" in m for m in v) and len(v) > 0
+
+
+def _render_history(turns: list[tuple[str, str]]) -> str:
+    """The prompt text for a conversation: a single user turn as is, else a labelled transcript."""
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(r, r.capitalize())}: {c}" for r, c in turns)
+
+
+def _split_messages(msgs: Any, where: str, fld: str) -> tuple[str, str]:
+    if not _is_messages(msgs):
+        raise DataError(f"field '{fld}' must be a list of {{role, content}} messages, got {_type_name(msgs)}",
+                        where=where)
+    turns = []
+    for i, m in enumerate(msgs):
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+            raise DataError(f"{fld}[{i}].role must be system, user or assistant, got {role!r}", where=where)
+        if not isinstance(content, str):
+            raise DataError(f"{fld}[{i}].content must be text, got {_type_name(content)}", where=where)
+        turns.append((role, content))
+    if turns[-1][0] != "assistant" or len(turns) < 2:
+        raise DataError(f"'{fld}' must end with an assistant turn after at least one user turn", where=where)
+    return _render_history(turns[:-1]), turns[-1][1]
+
+
+def _split_hh(transcript: str, where: str, fld: str) -> tuple[str, str]:
+    t = transcript.replace("\r\n", "\n")
+    marker = "\n\nAssistant:"
+    idx = t.rfind(marker)
+    if idx < 0 or "Human:" not in t[:idx]:
+        raise DataError(f"field '{fld}' is not an HH-RLHF transcript ('\\n\\nHuman:' ... '\\n\\nAssistant:')",
+                        where=where)
+    history, reply = t[:idx], t[idx + len(marker):].strip()
+    turns: list[tuple[str, str]] = []
+    for chunk in history.split("\n\n"):
+        if chunk.startswith("Human:"):
+            turns.append(("user", chunk[len("Human:"):].strip()))
+        elif chunk.startswith("Assistant:"):
+            turns.append(("assistant", chunk[len("Assistant:"):].strip()))
+        elif turns:  # a paragraph break inside a turn
+            r, c = turns[-1]
+            turns[-1] = (r, c + "\n\n" + chunk)
+    return _render_history(turns), reply
+
+
+def parse_record(rec: Any, where: str) -> Record:
+    """One raw record -> a normalised :class:`Record` of kind sft / preferences / prompts."""
+    if _is_messages(rec):
+        rec = {"messages": rec}
+    if not isinstance(rec, dict):
+        raise DataError(f"expected a JSON object, got {_type_name(rec)}", where=where)
+    if "messages" in rec:
+        prompt, response = _split_messages(rec["messages"], where, "messages")
+        return Record("sft", {"prompt": prompt, "response": response}, where)
+    if "chosen" in rec and "rejected" in rec:
+        meta = {"annotator": _text(rec, "annotator", where, required=False),
+                "time": _text(rec, "time", where, required=False)}
+        if "prompt" in rec:
+            return Record("preferences", {"prompt": _text(rec, "prompt", where),
+                                          "chosen": _text(rec, "chosen", where),
+                                          "rejected": _text(rec, "rejected", where), **meta}, where)
+        c, r = rec["chosen"], rec["rejected"]
+        if _is_messages(c) or _is_messages(r):
+            pc, cc = _split_messages(c, where, "chosen")
+            pr, rr = _split_messages(r, where, "rejected")
+        else:
+            pc, cc = _split_hh(_text(rec, "chosen", where), where, "chosen")
+            pr, rr = _split_hh(_text(rec, "rejected", where), where, "rejected")
+        if pc != pr:
+            raise DataError("'chosen' and 'rejected' do not share the same conversation before the final reply",
+                            where=where)
+        return Record("preferences", {"prompt": pc, "chosen": cc, "rejected": rr, **meta}, where)
+    if "prompt" in rec and "response" in rec:
+        return Record("sft", {"prompt": _text(rec, "prompt", where),
+                              "response": _text(rec, "response", where)}, where)
+    if "prompt" in rec:
+        return Record("prompts", {"prompt": _text(rec, "prompt", where)}, where)
+    raise DataError(
+        f"unknown record format with fields {sorted(rec)}", where=where,
+        hint="expected prompt/response, prompt/chosen/rejected, prompt, messages, or HH-RLHF chosen/rejected",
+    )
+
+
+def input_files(raw: str | Path) -> list[Path]:
+    p = Path(raw)
+    if not p.exists():
+        raise DataError(f"input path does not exist: {p}", hint="run `make data` to fetch the demo data")
+    if p.is_file():
+        if p.suffix.lower() not in SUFFIXES:
+            raise DataError(f"unknown file format '{p.suffix or '(no extension)'}'", where=str(p),
+                            hint="use .jsonl (one JSON record per line) or .json")
+        return [p]
+    files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SUFFIXES
+                   and not any(part.startswith(".") for part in q.relative_to(p).parts))
+    if not files:
+        raise DataError(f"no .jsonl or .json files in directory {p}",
+                        hint="put sft / preferences / prompts JSONL files there")
+    return files
+
+
+def read_file(path: Path, max_line_bytes: int) -> list[Record]:
+    if path.stat().st_size == 0:
+        raise DataError("file is empty", where=str(path), hint="remove it or add records")
+    it = _iter_json(path) if path.suffix.lower() == ".json" else _iter_jsonl(path, max_line_bytes)
+    out = []
+    for line_no, rec in it:
+        where = f"{path}:{line_no}"
+        r = parse_record(rec, where)
+        for k in ("prompt", "response", "chosen", "rejected"):
+            v = r.values.get(k)
+            if v is not None:
+                r.values[k] = v.replace("\r\n", "\n").strip()
+        out.append(r)
+    if not out:
+        raise DataError("file has no records (only blank lines)", where=str(path))
+    return out
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def is_eval(prompt: str, eval_fraction: float, salt: str) -> bool:
+    """Deterministic split by a hash of the prompt: every row with this prompt lands on one side."""
+    h = hashlib.sha256(f"{salt}\0{prompt}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < eval_fraction
+
+
+def _rel(f: Path, raw: str | Path) -> str:
+    base = Path(raw) if Path(raw).is_dir() else Path(raw).parent
+    return f.relative_to(base).as_posix()
+
+
+def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) -> dict[str, Any]:
+    """Read raw data (file or directory), write Parquet splits + manifest to ``out``; return metrics."""
+    cfg = cfg or PrepareConfig()
+    files = input_files(raw)
+    records: list[Record] = []
+    for f in files:
+        records.extend(read_file(f, cfg.max_line_bytes))
+
+    rows: dict[str, list[dict]] = {k: [] for k in KINDS}
+    seen: dict[str, set] = {k: set() for k in KINDS}
+    dups = dict.fromkeys(KINDS, 0)
+    for r in records:
+        key = json.dumps({k: r.values.get(k) for k in COLUMNS[r.kind] if k != "source"}, sort_keys=True)
+        if key in seen[r.kind]:
+            dups[r.kind] += 1
+            continue
+        seen[r.kind].add(key)
+        rows[r.kind].append({**r.values, "source": r.source})
+    if not rows["prompts"]:  # no explicit prompt file: PPO/eval prompts come from the other kinds
+        ps = dict.fromkeys(r["prompt"] for k in ("preferences", "sft") for r in rows[k])
+        rows["prompts"] = [{"prompt": p, "source": "derived"} for p in ps]
+
+    counts: dict[str, dict[str, int]] = {}
+    with atomic_dir(out) as tmp:
+        for kind in KINDS:
+            df = pd.DataFrame(rows[kind], columns=COLUMNS[kind])
+            for c in COLUMNS[kind]:
+                df[c] = df[c].astype("string")
+            mask = df["prompt"].map(lambda p: is_eval(p, cfg.eval_fraction, cfg.split_salt)).astype(bool) \
+                if len(df) else pd.Series([], dtype=bool)
+            (tmp / kind).mkdir()
+            counts[kind] = {}
+            for split, part in (("train", df[~mask]), ("eval", df[mask])):
+                part.reset_index(drop=True).to_parquet(tmp / kind / f"{split}.parquet", index=False)
+                counts[kind][split] = len(part)
+        metrics = {
+            **{f"{k}_{s}_rows": n for k, d in counts.items() for s, n in d.items()},
+            **{f"{k}_duplicates_removed": n for k, n in dups.items()},
+        }
+        write_manifest(tmp, kind="dataset", config=cfg, metrics=metrics,
+                       extra={"files": {_rel(f, raw): sha256_file(f) for f in files}, "counts": counts,
+                              "duplicates_removed": dups})
+    return metrics
+
+
+def load_split(dataset: str | Path, kind: str, split: str) -> pd.DataFrame:
+    path = Path(dataset) / kind / f"{split}.parquet"
+    if not path.exists():
+        raise DataError(f"missing {kind}/{split}.parquet in {dataset}", hint="run the prepare stage first")
+    return pd.read_parquet(path)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the demo data and its prepared dataset (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `rlhf ...` as a user would (a real process: real exit code, real stderr)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=cwd or ROOT, env=full_env,
+                          text=True, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_raw(tmp_path_factory) -> Path:
+    from rlhf import demo
+
+    out = tmp_path_factory.mktemp("raw")
+    demo.generate(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dataset(demo_raw, tmp_path_factory) -> Path:
+    from rlhf.config import PrepareConfig
+    from rlhf.data import prepare
+
+    out = tmp_path_factory.mktemp("ds") / "dataset"
+    prepare(demo_raw, out, PrepareConfig(eval_fraction=0.12))
+    return out

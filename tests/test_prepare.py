@@ -1,0 +1,172 @@
+"""The prepare stage: formats, splitting, dedup, and bad input handled as a user would see it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from rlhf.config import PrepareConfig
+from rlhf.data import is_eval, prepare
+from rlhf.errors import DataError
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_demo_dataset_splits_and_manifest(dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["kind"] == "dataset"
+    assert set(manifest["files"]) == {"sft.jsonl", "preferences.jsonl", "prompts.jsonl"}
+    assert manifest["config"]["eval_fraction"] == 0.12
+    counts = manifest["counts"]
+    assert counts["preferences"]["train"] + counts["preferences"]["eval"] == 2400
+    assert counts["prompts"]["eval"] > 0 and counts["sft"]["eval"] > 0
+    for kind in ("sft", "preferences", "prompts"):
+        train = set(pd.read_parquet(dataset / kind / "train.parquet")["prompt"])
+        ev = set(pd.read_parquet(dataset / kind / "eval.parquet")["prompt"])
+        assert not train & ev
+    # the split is by prompt across kinds: an eval prompt is eval everywhere
+    sft_eval = set(pd.read_parquet(dataset / "sft" / "eval.parquet")["prompt"])
+    pref_train = set(pd.read_parquet(dataset / "preferences" / "train.parquet")["prompt"])
+    assert not sft_eval & pref_train
+
+
+def test_prepare_is_deterministic(demo_raw, tmp_path):
+    prepare(demo_raw, tmp_path / "a")
+    prepare(demo_raw, tmp_path / "b")
+    for f in ("sft/train.parquet", "preferences/eval.parquet", "manifest.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_duplicates_removed_and_counted(tmp_path):
+    rows = [{"prompt": "Any advice on chess?", "response": "Study the openings."}] * 3
+    rows.append({"prompt": "Any advice on yoga?", "response": "Mind your posture."})
+    m = prepare(_jsonl(tmp_path / "sft.jsonl", rows), tmp_path / "out")
+    assert m["sft_duplicates_removed"] == 2
+    assert m["sft_train_rows"] + m["sft_eval_rows"] == 2
+
+
+def test_chat_messages_and_hh_transcripts(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _jsonl(raw / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tip for sleep?"},
+        {"role": "assistant", "content": "Keep a routine."}]}])
+    (raw / "conversations.json").write_text(json.dumps([[
+        {"role": "user", "content": "Tip for running?"},
+        {"role": "assistant", "content": "Buy good shoes."}]]), encoding="utf-8")
+    _jsonl(raw / "hh.jsonl", [
+        {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.",
+         "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: Apple.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: Rock."},
+    ])
+    _jsonl(raw / "pairs.jsonl", [{"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+                                  "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}]}])
+    out = tmp_path / "out"
+    prepare(raw, out, PrepareConfig(eval_fraction=0.01))
+    sft = pd.concat(pd.read_parquet(out / "sft" / f"{s}.parquet") for s in ("train", "eval"))
+    prefs = pd.concat(pd.read_parquet(out / "preferences" / f"{s}.parquet") for s in ("train", "eval"))
+    by_resp = dict(zip(sft["response"], sft["prompt"]))
+    assert by_resp["Buy good shoes."] == "Tip for running?"
+    assert by_resp["Keep a routine."] == "System: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tip for sleep?"
+    pairs = {r.chosen: (r.prompt, r.rejected) for r in prefs.itertuples()}
+    assert pairs["4."] == ("What is 2+2?", "5.")
+    assert pairs["Apple."] == ("Human: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.", "Rock.")
+    assert pairs["A."] == ("Q?", "B.")
+    # no explicit prompt file: prompts are derived from the other kinds
+    prompts = pd.concat(pd.read_parquet(out / "prompts" / f"{s}.parquet") for s in ("train", "eval"))
+    assert "What is 2+2?" in set(prompts["prompt"])
+
+
+def test_bom_and_crlf_are_accepted(tmp_path):
+    body = '{"prompt": "Any advice on chess?", "response": "Study openings."}\r\n' \
+           '{"prompt": "Any advice on yoga?", "response": "Breathe."}\r\n'
+    f = tmp_path / "sft.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    m = prepare(f, tmp_path / "out")
+    assert m["sft_train_rows"] + m["sft_eval_rows"] == 2
+    df = pd.concat(pd.read_parquet(tmp_path / "out" / "sft" / f"{s}.parquet") for s in ("train", "eval"))
+    assert set(df["prompt"]) == {"Any advice on chess?", "Any advice on yoga?"}
+    assert not any("\r" in r for r in df["response"])
+
+
+GOOD = '{"prompt": "Any advice on chess?", "response": "Study openings."}\n'
+
+BAD_INPUTS = {
+    # name: (file name, bytes, text the one-line error must contain)
+    "empty file": ("sft.jsonl", b"", "file is empty"),
+    "truncated last line": ("sft.jsonl", (GOOD + '{"prompt": "Any advice on yoga?", "resp').encode(),
+                            "sft.jsonl:2: truncated JSON"),
+    "not json": ("sft.jsonl", (GOOD + "this is not json\n").encode(), "sft.jsonl:2: not valid JSON"),
+    "number instead of text": ("sft.jsonl", (GOOD + '{"prompt": 42, "response": "x"}\n').encode(),
+                               "sft.jsonl:2: field 'prompt' must be text, got number"),
+    "list instead of string": ("prefs.jsonl", b'{"prompt": "p", "chosen": ["a"], "rejected": "b"}\n',
+                               "prefs.jsonl:1: field 'chosen' must be text, got list"),
+    "missing field": ("prefs.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": null}\n',
+                      "prefs.jsonl:1: field 'rejected' must be text, got null"),
+    "invalid utf-8": ("sft.jsonl", GOOD.encode() + b'{"prompt": "caf\xe9", "response": "x"}\n',
+                      "sft.jsonl:2: not valid UTF-8"),
+    "50 MB line": ("sft.jsonl", b'{"prompt": "' + b"a" * (50 << 20) + b'", "response": "x"}\n',
+                   "sft.jsonl:1: line is longer than 1,048,576 bytes"),
+    "unknown record format": ("sft.jsonl", b'{"question": "q", "answer": "a"}\n',
+                              "sft.jsonl:1: unknown record format with fields ['answer', 'question']"),
+    "unknown file format": ("data.csv", b"prompt,response\nq,a\n", "unknown file format '.csv'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_line_error_and_no_output(case, tmp_path):
+    name, content, expected = BAD_INPUTS[case]
+    f = tmp_path / name
+    f.write_bytes(content)
+    out = tmp_path / "dataset"
+    proc = run_cli("prepare", "--raw", str(f), "--out", str(out), "--params", str(tmp_path / "none.yaml"))
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not any(p.name.startswith(".dataset") for p in tmp_path.iterdir())
+
+
+def test_failed_prepare_keeps_previous_output(tmp_path):
+    out = tmp_path / "dataset"
+    prepare(_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "response": "b"}]), out)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(DataError):
+        prepare(tmp_path / "missing.jsonl", out)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["missing path", "empty directory"])
+def test_bad_paths(kind, tmp_path):
+    target = tmp_path / "nope"
+    if kind == "empty directory":
+        target.mkdir()
+        (target / "README.md").write_text("no data here")
+    proc = run_cli("prepare", "--raw", str(target), "--out", str(tmp_path / "o"), "--params", "none.yaml")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("does not exist" if kind == "missing path" else "no .jsonl or .json files") in proc.stderr
+
+
+def test_split_is_stable_hash():
+    assert is_eval("Any advice on chess?", 0.5, "s") == is_eval("Any advice on chess?", 0.5, "s")
+    share = sum(is_eval(f"prompt {i}", 0.2, "s") for i in range(5000)) / 5000
+    assert 0.17 < share < 0.23
+
+
+def test_bad_params_one_line(tmp_path, demo_raw):
+    p = tmp_path / "params.yaml"
+    p.write_text("prepare:\n  eval_fraction: 1.5\n")
+    proc = run_cli("prepare", "--raw", str(demo_raw), "--out", str(tmp_path / "o"), "--params", str(p))
+    assert proc.returncode == 2 and "prepare.eval_fraction" in proc.stderr and "Traceback" not in proc.stderr
+    p.write_text("prepare:\n  eval_fractoin: 0.1\n")
+    proc = run_cli("prepare", "--raw", str(demo_raw), "--out", str(tmp_path / "o"), "--params", str(p))
+    assert proc.returncode == 2 and "unknown key 'prepare.eval_fractoin'" in proc.stderr
