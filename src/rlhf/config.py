@@ -8,6 +8,7 @@ naming the file, the key and what is expected.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -61,6 +62,47 @@ class ModelConfig(StageConfig):
     seed: int = 0
 
 
+class TrainConfig(StageConfig):
+    """Optimisation settings shared by the supervised stages (sft, reward)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_seq_len: int = Field(256, ge=16)
+    eval_max_rows: int = Field(256, ge=1, description="eval rows used for held-out metrics")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class SFTConfig(TrainConfig):
+    merge_lora: bool = Field(True, description="save the policy merged (plain HF model) when LoRA is on")
+
+
+class RewardConfig(TrainConfig):
+    init_from: Literal["sft", "base"] = Field("sft", description="initialise the reward model from the SFT "
+                                              "policy or from the base model")
+    gold_pairs: int = Field(300, ge=0, description="fresh gold-labelled pairs for the agreement check")
+    lr: float = Field(1e-4, gt=0)
+
+
+class EvaluateConfig(StageConfig):
+    n_prompts: int = Field(64, ge=1, description="eval prompts sampled per model")
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 1234
+    n_samples_in_report: int = Field(12, ge=0)
+    # gate: the candidate must beat the baseline (and the champion, if any) by a margin, within a KL budget
+    gate_metric: Literal["gold", "rm"] = "gold"
+    gate_margin: float = Field(0.0, description="required improvement of the gate metric's mean")
+    kl_budget: float = Field(20.0, gt=0, description="max mean sequence KL(candidate || SFT) in nats")
+
+
 C = TypeVar("C", bound=StageConfig)
 
 
@@ -96,9 +138,25 @@ def build(cls: type[C], values: dict[str, Any] | None, *, source: str = "config"
         raise ConfigError(_format_error(err, source, section)) from None
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def active_profile(data: dict[str, Any]) -> str | None:
+    """The profile in force: ``$RLHF_PROFILE``, else ``profile:`` in params.yaml."""
+    return os.environ.get("RLHF_PROFILE") or data.get("profile")
+
+
 def load_stage(cls: type[C], section: str, params: str | Path | None = "params.yaml",
                overrides: dict[str, Any] | None = None) -> C:
-    """Config for one stage: defaults < ``params.yaml`` section < explicit overrides."""
+    """Config for one stage: defaults < ``params.yaml`` section < the active profile's section < overrides.
+
+    A profile (``profiles: {tiny: {sft: {...}, model: {...}}}``) overrides parts of any section; the
+    active one is ``$RLHF_PROFILE`` or the top-level ``profile:`` key.
+    """
     values: dict[str, Any] = {}
     source = "defaults"
     if params is not None and Path(params).exists():
@@ -106,7 +164,12 @@ def load_stage(cls: type[C], section: str, params: str | Path | None = "params.y
         sec = data.get(section) or {}
         if not isinstance(sec, dict):
             raise ConfigError(f"section '{section}' must be a mapping", where=str(params))
-        values.update(sec)
+        profile = active_profile(data)
+        profiles = data.get("profiles") or {}
+        if profile and profile not in profiles:
+            raise ConfigError(f"unknown profile '{profile}'", where=str(params),
+                              hint=f"known profiles: {', '.join(sorted(profiles)) or 'none'}")
+        values.update(_merge(sec, (profiles.get(profile) or {}).get(section) or {}) if profile else sec)
         source = str(params)
     for k, v in (overrides or {}).items():
         if v is not None:

@@ -321,3 +321,14 @@ def load_split(dataset: str | Path, kind: str, split: str) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"missing {kind}/{split}.parquet in {dataset}", hint="run the prepare stage first")
     return pd.read_parquet(path)
+
+
+def dataset_texts(dataset: str | Path) -> list[str]:
+    """Every text of the train splits (prompts and replies): the corpus the tiny tokenizer is trained on."""
+    texts: list[str] = []
+    for kind in KINDS:
+        df = load_split(dataset, kind, "train")
+        for col in COLUMNS[kind]:
+            if col in ("prompt", "response", "chosen", "rejected"):
+                texts.extend(df[col].dropna().tolist())
+    return texts
