@@ -82,7 +82,59 @@ def validate_cmd(
     _print_metrics(f"validation passed, report in {out}", validate(dataset, out, cfg))
 
 
+@app.command("sft")
+def sft_cmd(
+    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
+    out: Path = typer.Option(Path("artifacts/sft"), help="output policy directory"),
+    params: Path = PARAMS,
+):
+    """Supervised fine-tuning of the policy on the demonstrations (loss on response tokens only)."""
+    from rlhf.config import ModelConfig, SFTConfig, load_stage
+    from rlhf.sft import train_sft
+
+    metrics = train_sft(dataset, out, load_stage(SFTConfig, "sft", params), load_stage(ModelConfig, "model", params))
+    _print_metrics(f"SFT policy written to {out}", metrics)
+
+
+@app.command("reward")
+def reward_cmd(
+    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
+    sft: Path = typer.Option(Path("artifacts/sft"), help="SFT policy to initialise from"),
+    out: Path = typer.Option(Path("artifacts/reward"), help="output reward-model directory"),
+    params: Path = PARAMS,
+):
+    """Train the scalar reward model on the preference pairs (Bradley-Terry loss)."""
+    from rlhf.config import ModelConfig, RewardConfig, load_stage
+    from rlhf.reward import train_reward
+
+    metrics = train_reward(dataset, sft, out, load_stage(RewardConfig, "reward", params),
+                           load_stage(ModelConfig, "model", params))
+    _print_metrics(f"reward model written to {out}", metrics)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
+    policy: Path = typer.Option(Path("artifacts/ppo"), help="candidate policy"),
+    baseline: Path = typer.Option(Path("artifacts/sft"), help="baseline policy (the SFT policy)"),
+    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", help="reward model"),
+    champion: Path | None = typer.Option(None, help="current champion policy directory, if any"),
+    out: Path = typer.Option(Path("artifacts/evaluation"), help="where metrics, report and gate go"),
+    params: Path = PARAMS,
+):
+    """Sample from the candidate, the SFT baseline (and champion); gold/RM/KL metrics, report, gate."""
+    from rlhf.config import EvaluateConfig, ModelConfig, load_stage
+    from rlhf.evaluate import evaluate
+
+    metrics = evaluate(dataset, policy, baseline, reward_model, out, load_stage(EvaluateConfig, "evaluate", params),
+                       load_stage(ModelConfig, "model", params), champion=champion)
+    gate = "PASSED" if metrics["gate_passed"] else "FAILED"
+    _print_metrics(f"evaluation in {out} (gate {gate}, report {out / 'report.html'})", metrics)
+
+
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -1,0 +1,228 @@
+"""The evaluate stage: candidate policy vs the SFT baseline (and the current champion), plus the gate.
+
+All models answer the same eval prompts with the same seeds. Reported per
+model: mean gold score (the simulated annotator; demo prompts only), mean
+reward-model score, response length, distinct-2, repetition rate, EOS rate;
+for the candidate also win rates vs the baseline (by gold and by RM, ties
+count half) and KL(candidate || baseline): the mean over samples of the summed
+per-token ``log p_cand - log p_base`` (k1 estimator) at the sampling
+temperature.
+
+The gate (``gate.json``) passes when the candidate beats the baseline and the
+champion by ``gate_margin`` on ``gate_metric`` and the KL is within
+``kl_budget``; it says which check failed and why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import demo, generation, models, tracking
+from rlhf.config import EvaluateConfig, ModelConfig
+from rlhf.data import load_split
+from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
+from rlhf.reward import score_texts
+from rlhf.training import set_seed
+
+log = logging.getLogger("rlhf")
+
+
+def text_stats(texts: list[str]) -> dict[str, float]:
+    """distinct-2 over all responses, mean within-response repetition (repeated-bigram share), words."""
+    all_bigrams, reps, lengths = [], [], []
+    for t in texts:
+        ws = demo.words(t)
+        bg = list(zip(ws, ws[1:]))
+        all_bigrams.extend(bg)
+        reps.append(1 - len(set(bg)) / len(bg) if bg else 0.0)
+        lengths.append(len(ws))
+    return {
+        "distinct_2": len(set(all_bigrams)) / len(all_bigrams) if all_bigrams else 0.0,
+        "repetition_rate": sum(reps) / max(len(reps), 1),
+        "words": sum(lengths) / max(len(lengths), 1),
+    }
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _win_rate(a: list[float], b: list[float]) -> float:
+    pairs = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]
+    if not pairs:
+        return float("nan")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in pairs) / len(pairs)
+
+
+def sample_model(path: str | Path, prompts: list[str], cfg: EvaluateConfig, model_cfg: ModelConfig):
+    model, tok = models.load_policy(path, model_cfg.model_copy(update={"lora": False}), for_training=False)
+    rollouts = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        rollouts.append(generation.sample(model, tok, prompts[i : i + cfg.batch_size],
+                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          generator_seed=cfg.seed + i))
+    return model, tok, rollouts
+
+
+def _plots(per_model: dict[str, dict[str, list[float]]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, s in per_model.items():
+        gold = [g for g in s["gold"] if not math.isnan(g)]
+        if gold:
+            axes[0].hist(gold, bins=20, alpha=0.5, label=name)
+        axes[1].hist(s["rm"], bins=20, alpha=0.5, label=name)
+    axes[0].set_title("gold score")
+    axes[1].set_title("reward-model score")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def gate(metrics: dict[str, Any], cfg: EvaluateConfig, has_champion: bool) -> dict[str, Any]:
+    """Pass/fail with reasons: beats the baseline (and champion) by the margin, KL within budget."""
+    key = f"policy_{cfg.gate_metric}_mean"
+    checks = []
+
+    def check(name: str, ok: bool, detail: str):
+        checks.append({"check": name, "passed": bool(ok), "detail": detail})
+
+    cand = metrics[key]
+    base = metrics[f"baseline_{cfg.gate_metric}_mean"]
+    check("beats_baseline", cand >= base + cfg.gate_margin if not math.isnan(cand) else False,
+          f"{cfg.gate_metric} {cand:.3f} vs baseline {base:.3f} + margin {cfg.gate_margin}")
+    if has_champion:
+        champ = metrics[f"champion_{cfg.gate_metric}_mean"]
+        check("beats_champion", cand >= champ + cfg.gate_margin,
+              f"{cfg.gate_metric} {cand:.3f} vs champion {champ:.3f} + margin {cfg.gate_margin}")
+    check("kl_within_budget", metrics["kl_to_baseline"] <= cfg.kl_budget,
+          f"KL {metrics['kl_to_baseline']:.3f} vs budget {cfg.kl_budget}")
+    failed = [c for c in checks if not c["passed"]]
+    return {"passed": not failed, "metric": cfg.gate_metric, "margin": cfg.gate_margin,
+            "kl_budget": cfg.kl_budget, "checks": checks,
+            "reason": "all checks passed" if not failed else "; ".join(f"{c['check']} failed: {c['detail']}"
+                                                                        for c in failed)}
+
+
+def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, reward_model: str | Path,
+             out: str | Path, cfg: EvaluateConfig | None = None, model_cfg: ModelConfig | None = None,
+             champion: str | Path | None = None) -> dict[str, Any]:
+    """Compare ``policy`` with ``baseline`` (the SFT policy) and optionally ``champion``; write report + gate."""
+    cfg, model_cfg = cfg or EvaluateConfig(), model_cfg or ModelConfig()
+    set_seed(cfg.seed)
+    prompts = load_split(dataset, "prompts", "eval")["prompt"].tolist()[: cfg.n_prompts]
+    rm_manifest = read_manifest(reward_model, expect_kind="reward-model")
+    max_len = rm_manifest.get("max_seq_len", 256)
+    rm, rm_tok = models.load_reward_model(reward_model, model_cfg.model_copy(update={"lora": False}),
+                                          for_training=False)
+
+    named = {"policy": policy, "baseline": baseline, **({"champion": champion} if champion else {})}
+    per_model: dict[str, dict[str, Any]] = {}
+    loaded = {}
+    for name, path in named.items():
+        model, tok, rollouts = sample_model(path, prompts, cfg, model_cfg)
+        texts = [t for r in rollouts for t in r.texts]
+        per_model[name] = {
+            "texts": texts,
+            "gold": [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompts, texts)],
+            "rm": score_texts(rm, rm_tok, prompts, texts, max_len).tolist(),
+            "tokens": torch.cat([r.lengths for r in rollouts]).float().tolist(),
+            "eos": torch.cat([r.has_eos for r in rollouts]).float().tolist(),
+        }
+        loaded[name] = (model, tok, rollouts)
+
+    # KL(policy || baseline) on the policy's own samples, at the sampling temperature
+    pol_model, _, pol_rollouts = loaded["policy"]
+    base_model = loaded["baseline"][0]
+    with torch.no_grad():
+        kls = []
+        for r in pol_rollouts:
+            lp = generation.response_logprobs(pol_model, r, cfg.temperature)
+            lb = generation.response_logprobs(base_model, r, cfg.temperature)
+            kls.extend(((lp - lb) * r.response_mask).sum(1).tolist())
+    del loaded
+
+    metrics: dict[str, Any] = {}
+    for name, s in per_model.items():
+        stats = text_stats(s["texts"])
+        metrics.update({
+            f"{name}_gold_mean": _mean(s["gold"]),
+            f"{name}_rm_mean": _mean(s["rm"]),
+            f"{name}_response_tokens": _mean(s["tokens"]),
+            f"{name}_eos_rate": _mean(s["eos"]),
+            **{f"{name}_{k}": v for k, v in stats.items()},
+        })
+    metrics["win_rate_gold_vs_baseline"] = _win_rate(per_model["policy"]["gold"], per_model["baseline"]["gold"])
+    metrics["win_rate_rm_vs_baseline"] = _win_rate(per_model["policy"]["rm"], per_model["baseline"]["rm"])
+    metrics["kl_to_baseline"] = _mean(kls)
+    metrics["n_prompts"] = len(prompts)
+    decision = gate(metrics, cfg, champion is not None)
+    metrics["gate_passed"] = int(decision["passed"])
+
+    samples = [{"prompt": p, **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],
+                                    "rm": per_model[n]["rm"][i]} for n in per_model}}
+               for i, p in enumerate(prompts)]
+    with tracking.stage_run("evaluate", cfg) as tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
+        tracker.set_tags({"gate_passed": decision["passed"], "gate_reason": decision["reason"][:500]})
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / "gate.json", decision)
+            write_json(tmp / "samples.json", samples)
+            (tmp / "report.html").write_text(_report(metrics, decision, samples, per_model, cfg, named),
+                                             encoding="utf-8")
+            write_manifest(tmp, kind="evaluation", inputs={k: v for k, v in {**named, "reward_model": reward_model,
+                                                                               "dataset": dataset}.items()},
+                           config=cfg, metrics=metrics, extra={"gate": decision, "mlflow_run_id": tracker.run_id})
+        tracker.log_artifacts(out, "evaluation")
+    log.info("[evaluate] gold %.3f vs baseline %.3f, RM %.3f vs %.3f, KL %.3f; gate %s (%s)",
+             metrics["policy_gold_mean"], metrics["baseline_gold_mean"], metrics["policy_rm_mean"],
+             metrics["baseline_rm_mean"], metrics["kl_to_baseline"], "PASSED" if decision["passed"] else "FAILED",
+             decision["reason"])
+    return metrics
+
+
+def _report(metrics, decision, samples, per_model, cfg, named) -> str:
+    names = list(per_model)
+    rows = ["gold_mean", "rm_mean", "response_tokens", "eos_rate", "distinct_2", "repetition_rate", "words"]
+    table = "".join(f"<tr><th>{r}</th>" + "".join(f"<td>{metrics[f'{n}_{r}']:.3f}</td>" for n in names) + "</tr>"
+                    for r in rows)
+    extra = "".join(f"<tr><th>{k}</th><td colspan={len(names)}>{metrics[k]:.3f}</td></tr>"
+                    for k in ("win_rate_gold_vs_baseline", "win_rate_rm_vs_baseline", "kl_to_baseline"))
+    sample_rows = "".join(
+        "<tr><td>" + html.escape(s["prompt"]) + "</td>" + "".join(
+            f"<td>{html.escape(s[n]['text'])}<br><small>gold {s[n]['gold']:.2f} · RM {s[n]['rm']:.2f}</small></td>"
+            for n in names) + "</tr>" for s in samples[: cfg.n_samples_in_report])
+    colour = "#1e8e3e" if decision["passed"] else "#d93025"
+    checks = "".join(f"<li>{'✔' if c['passed'] else '✘'} {html.escape(c['check'])}: {html.escape(c['detail'])}</li>"
+                     for c in decision["checks"])
+    sources = "".join(f"<li>{n}: <code>{html.escape(str(p))}</code></li>" for n, p in named.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td,th{{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top;text-align:left}}table{{border-collapse:collapse;margin-bottom:1.5em}}</style></head><body>
+<h1>RLHF evaluation</h1>
+<h2 style="color:{colour}">Gate: {'PASSED' if decision['passed'] else 'FAILED'}</h2><p>{html.escape(decision['reason'])}</p>
+<ul>{checks}</ul><ul>{sources}</ul>
+<h2>Metrics ({metrics['n_prompts']} eval prompts, temperature {cfg.temperature}, seed {cfg.seed})</h2>
+<table><tr><th></th>{''.join(f'<th>{n}</th>' for n in names)}</tr>{table}{extra}</table>
+<h2>Score distributions</h2><img src="data:image/png;base64,{_plots(per_model)}" alt="score histograms">
+<h2>Side-by-side samples</h2>
+<table><tr><th>prompt</th>{''.join(f'<th>{n}</th>' for n in names)}</tr>{sample_rows}</table>
+</body></html>"""
