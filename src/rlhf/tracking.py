@@ -1,29 +1,53 @@
-"""Experiment tracking: the one module that talks to MLflow.
+"""Experiment tracking: the one module that talks to MLflow for runs, params and metrics.
 
 Stages call :func:`stage_run` and log through the :class:`Tracker` it yields;
-nothing else in the package imports mlflow for tracking.
+nothing else in the package imports mlflow for tracking (the model registry,
+:mod:`rlhf.registry`, builds on the connection made here).
 
 * Tracking URI: ``MLFLOW_TRACKING_URI``, default a SQLite file ``mlflow.db`` in
-  the current directory (browse it with
-  ``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
+  the current directory (run artifacts in ``./mlruns``). Browse it with
+  ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+* Experiment: ``MLFLOW_EXPERIMENT_NAME``, default ``rlhf``.
 * ``RLHF_TRACKING=off`` turns MLflow off (metrics still go to the progress log).
-* A stage run is nested under ``RLHF_PARENT_RUN_ID`` when that is set (the
-  pipeline's parent run); tags carry git commit, DVC data hash, KFP run id,
-  profile and host.
-* Params are the resolved stage config, flattened; keys that look like
-  secrets are redacted.
-* MLflow unreachable: we fail fast at start-up with one clear line, never
-  mid-way through training.
+* One parent run per pipeline run (:func:`pipeline_run`, or
+  :func:`start_pipeline_run` / :func:`end_pipeline_run` when every step runs in
+  its own process, as KFP components do). The parent run's id travels in
+  ``RLHF_PARENT_RUN_ID`` and the pipeline run id in ``RLHF_PIPELINE_RUN_ID``;
+  every stage run is nested under the parent (``mlflow.parentRunId``). A retried
+  pipeline run (same id) finds and reuses its parent run.
+* Tags on every run: git commit (and whether the tree was dirty), DVC data
+  hash, pipeline run id, KFP run id, profile, host, stage.
+* Params are the resolved stage config, flattened (``lora.r``); values of
+  secret-looking keys (``password``, ``hf_token``, ``aws_secret_access_key``...)
+  and secret-looking values (credentials in URIs, ``hf_...``/``AKIA...`` tokens)
+  are replaced by ``***``. ``max_new_tokens`` or ``pad_token`` are not secrets.
+* Per-step metrics carry ``step`` so the MLflow UI plots them.
+
+MLflow unreachable: **fail fast at start-up**. :func:`stage_run` and
+:func:`pipeline_run` check the server (HTTP ``/health``, or a TCP connect for a
+database URI) before any work starts and stop with one line naming the URI and
+the fix. If the server goes away *after* the start, training does not die: the
+tracker buffers metrics (HTTP retries are kept short while doing so), resends
+them when the server answers again, and at the end of the stage writes whatever
+could not be sent to ``mlflow-unsent/<run_id>.jsonl`` with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
+import math
 import os
 import re
 import socket
 import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +56,15 @@ from rlhf.errors import UserError
 
 log = logging.getLogger("rlhf")
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|credential|access[_-]?key)", re.I)
+ENV_PARENT = "RLHF_PARENT_RUN_ID"
+ENV_PIPELINE = "RLHF_PIPELINE_RUN_ID"
+ENV_DATA_HASH = "RLHF_DATA_HASH"
+ROLE_TAG = "rlhf.role"
 REDACTED = "***"
+RETRY_SECONDS = 30.0
+UNSENT_DIR = "mlflow-unsent"
+
+# ----------------------------------------------------------------------------- configuration
 
 
 def enabled() -> bool:
@@ -48,11 +79,69 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", "rlhf")
 
 
+def display_uri(uri: str | None = None) -> str:
+    """The tracking URI with any credentials masked (safe for logs and errors)."""
+    return redact_value(uri or tracking_uri())
+
+
+# ----------------------------------------------------------------------------- params and redaction
+
+# Words (of a key split on ``_ - .`` and camelCase) that make its value a secret ...
+_SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "credential", "credentials",
+                 "token", "apikey", "auth", "authorization", "bearer", "cookie", "privatekey", "sessionkey",
+                 "dsn"}
+# ... or pairs of consecutive words.
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("session", "key"),
+                 ("client", "secret"), ("account", "key"), ("ssh", "key"), ("signing", "key"), ("encryption", "key"),
+                 ("sas", "url"), ("connection", "string")}
+# "<x>_token" is a tokenizer setting, not a secret, for these <x>.
+_TOKENIZER_WORDS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "im", "start", "end", "stop",
+                    "chat", "max", "new", "num", "min"}
+_URI_CREDENTIALS = re.compile(r"(://)([^/\s:@]+):([^/\s@]+)@")
+_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|sig|"
+                           r"signature|x-amz-signature|x-amz-credential)=)[^&;\s]+", re.I)
+_SECRET_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|"
+    r"sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,})\b"
+    r"|((?i:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}")
+
+
+def _key_words(key: str) -> list[str]:
+    last = key.rsplit(".", 1)[-1]
+    last = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", last)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", last.lower()) if w]
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (flattened) param/tag key names a secret: ``hf_token``, ``db.password``, ``awsSecretAccessKey``."""
+    words = _key_words(key)
+    for i, w in enumerate(words):
+        if w in _SECRET_WORDS:
+            if w == "token" and i > 0 and words[i - 1] in _TOKENIZER_WORDS:
+                continue
+            return True
+        if i and (words[i - 1], w) in _SECRET_PAIRS:
+            return True
+    return "".join(words) in {"apikey", "accesskey", "secretkey", "privatekey", "accesskeyid"} or \
+        any(w.endswith(("password", "passwd", "secret", "apikey")) for w in words)
+
+
+def redact_value(value: Any) -> Any:
+    """Mask credentials inside a value: ``user:pw@`` in URIs, secret query parameters, known token shapes."""
+    if not isinstance(value, str):
+        if isinstance(value, (list, tuple)):
+            return type(value)(redact_value(v) for v in value)
+        return value
+    value = _URI_CREDENTIALS.sub(rf"\1{REDACTED}@", value)
+    value = _QUERY_SECRET.sub(rf"\1{REDACTED}", value)
+    return _SECRET_VALUE.sub(lambda m: (m.group(2) or "") + REDACTED, value)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -60,114 +149,515 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Replace values of secret-looking keys (and URIs with credentials) by '***'."""
-    out = {}
-    for k, v in params.items():
-        if SECRET_KEY.search(k):
-            out[k] = REDACTED
-        elif isinstance(v, str) and re.search(r"://[^/\s:@]+:[^/\s@]+@", v):
-            out[k] = re.sub(r"://[^/\s:@]+:[^/\s@]+@", f"://{REDACTED}@", v)
-        else:
-            out[k] = v
-    return out
+    """Flat params with secrets replaced by ``***`` (by key name, and credentials inside values)."""
+    return {k: REDACTED if is_secret_key(k) and v not in (None, "") else redact_value(v) for k, v in params.items()}
+
+
+def config_params(config: Any) -> dict[str, Any]:
+    """A stage config (pydantic model or dict) as flat, redacted params."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return redact(flatten(dict(config)))
+
+
+# ----------------------------------------------------------------------------- lineage tags
+
+
+@functools.lru_cache(maxsize=8)
+def _git(cwd: str) -> tuple[str | None, bool | None]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
+                                check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return commit, dirty
 
 
 def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+    """The commit of the code: ``RLHF_GIT_COMMIT`` (set in images), else the package's git checkout."""
+    return os.environ.get("RLHF_GIT_COMMIT") or _git(str(Path(__file__).resolve().parent))[0] or \
+        _git(os.getcwd())[0]
+
+
+def git_dirty() -> bool | None:
+    if os.environ.get("RLHF_GIT_COMMIT"):
         return None
+    commit, dirty = _git(str(Path(__file__).resolve().parent))
+    return dirty if commit else _git(os.getcwd())[1]
+
+
+def data_hash() -> str | None:
+    """The DVC hash of the raw data: ``RLHF_DATA_HASH``, else ``data.dvc`` in the current directory."""
+    if os.environ.get(ENV_DATA_HASH):
+        return os.environ[ENV_DATA_HASH]
+    if Path("data.dvc").is_file():
+        try:
+            from rlhf.versioning import data_hash as dvc_hash
+
+            return dvc_hash("data.dvc") or None
+        except Exception:  # a malformed pointer file must not stop training; it just goes unrecorded
+            return None
+    return None
+
+
+def profile() -> str | None:
+    if os.environ.get("RLHF_PROFILE"):
+        return os.environ["RLHF_PROFILE"]
+    if Path("params.yaml").is_file():
+        try:
+            from rlhf.config import active_profile, load_yaml
+
+            return active_profile(load_yaml("params.yaml"))
+        except Exception:
+            return None
+    return None
 
 
 def default_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
+    dirty = git_dirty()
     tags = {
-        "git_commit": os.environ.get("RLHF_GIT_COMMIT") or git_commit(),
-        "data_hash": os.environ.get("RLHF_DATA_HASH"),
+        "git_commit": git_commit(),
+        "git_dirty": None if dirty is None else str(dirty).lower(),
+        "data_hash": data_hash(),
+        "pipeline_run_id": os.environ.get(ENV_PIPELINE),
         "kfp_run_id": os.environ.get("KFP_RUN_ID"),
-        "profile": os.environ.get("RLHF_PROFILE"),
+        "profile": profile(),
         "host": socket.gethostname(),
     }
     tags.update(extra or {})
-    return {k: str(v) for k, v in tags.items() if v is not None}
+    return {k: _tag_value(k, v) for k, v in tags.items() if v is not None}
 
 
-class Tracker:
-    """Logs metrics/params/artifacts of one stage run; a no-op when tracking is off."""
-
-    def __init__(self, run=None):
-        self.run = run
-        self.run_id = run.info.run_id if run is not None else None
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.run is None:
-            return
-        import mlflow
-
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        if self.run is None:
-            return
-        import mlflow
-
-        flat = redact(flatten(params))
-        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.run is None:
-            return
-        import mlflow
-
-        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-
-    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.run is None:
-            return
-        import mlflow
-
-        p = Path(path)
-        if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
-        elif p.exists():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+def _tag_value(key: str, value: Any) -> str:
+    if is_secret_key(key) and not key.startswith("mlflow."):
+        return REDACTED
+    return redact_value(str(value))[:5000]
 
 
-def check_reachable(uri: str) -> None:
-    """Fail fast with one line if an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)})",
-                        hint="start it, fix MLFLOW_TRACKING_URI, or set RLHF_TRACKING=off") from None
+# ----------------------------------------------------------------------------- connecting
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, config: Any = None, tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
-    """An MLflow run for one stage (nested under the pipeline's parent run when there is one)."""
-    if not enabled():
-        yield Tracker(None)
-        return
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line if the tracking server (or database) does not answer."""
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    hint = "start it, fix MLFLOW_TRACKING_URI, or set RLHF_TRACKING=off"
+    if scheme in ("http", "https"):
+        try:
+            _health(parsed, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                return  # it answers; authentication is checked by the first real call
+            raise UserError(f"MLflow tracking server {display_uri(uri)} is unhealthy (HTTP {e.code} on /health)",
+                            hint=hint) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"MLflow tracking server {display_uri(uri)} is unreachable "
+                            f"({getattr(e, 'reason', e)})", hint=hint) from None
+    elif scheme in ("postgresql", "postgres", "mysql", "mssql"):
+        port = parsed.port or {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+        host = parsed.hostname or "localhost"
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            raise UserError(f"MLflow database {display_uri(uri)} is unreachable ({e.strerror or e})",
+                            hint=hint) from None
+    elif scheme == "sqlite":
+        path = uri.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _health(parsed: urllib.parse.ParseResult, timeout: float) -> None:
+    """GET <server>/health the way the mlflow client would reach it (auth and TLS settings included)."""
+    import base64
+    import ssl
+
+    host = parsed.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host + (f":{parsed.port}" if parsed.port else "")  # credentials go in a header, not the URL
+    url = urllib.parse.urlunparse(parsed._replace(netloc=netloc)).rstrip("/") + "/health"
+    req = urllib.request.Request(url)
+    user = urllib.parse.unquote(parsed.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(parsed.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    context = None
+    if parsed.scheme == "https":
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+    urllib.request.urlopen(req, timeout=timeout, context=context).read()
+
+
+def connect():
+    """Check the server, point the mlflow client at it and make sure the experiment exists.
+
+    Returns ``(client, experiment_id)``.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_name())
-    parent = os.environ.get("RLHF_PARENT_RUN_ID")
-    all_tags = default_tags({"stage": stage, **(tags or {})})
+    client = mlflow.MlflowClient(uri)
+    name = experiment_name()
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(name)
+            except MlflowException:  # created concurrently by another step
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        elif exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+            exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+    except MlflowException as e:
+        raise UserError(f"MLflow at {display_uri(uri)} refused the request: {_one_line(e)}",
+                        hint="check MLFLOW_TRACKING_URI and the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD "
+                             "or MLFLOW_TRACKING_TOKEN)") from None
+    mlflow.set_experiment(experiment_id=exp_id)
+    return client, exp_id
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return redact_value(text[0] if text else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """While buffering: no long HTTP retry loops (unless the user configured retries explicitly)."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    set_here = [k for k in keys if k not in os.environ]
+    for k in set_here:
+        os.environ[k] = keys[k]
+    try:
+        yield
+    finally:
+        for k in set_here:
+            os.environ.pop(k, None)
+
+
+def _run_context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """MLflow's own context tags (user, source) merged under ours."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return resolve_tags(tags)
+    except Exception:
+        return tags
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+
+class Tracker:
+    """Logs metrics/params/tags/artifacts of one run; a no-op when tracking is off (``Tracker(None)``).
+
+    Metrics are sent in batches; when the server does not answer they are buffered and resent
+    (see the module docstring), so a tracking outage never stops training.
+    """
+
+    def __init__(self, run=None, client=None):
+        self.run = run
+        self.run_id = run if isinstance(run, str) else (run.info.run_id if run is not None else None)
+        self._client = client
+        self._pending: list = []
+        self._pending_tags: list = []
+        self._outage_since: float | None = None
+        self._next_retry = 0.0
+
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri())
+        return self._client
+
+    # metrics ---------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._pending.append(Metric(key=str(k), value=float(v), timestamp=ts, step=int(step or 0)))
+        self._flush()
+
+    def _flush(self, force: bool = False) -> bool:
+        if not self._pending and not self._pending_tags:
+            return True
+        if not force and self._outage_since is not None and time.monotonic() < self._next_retry:
+            return False
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _quick_http():
+                if self._pending_tags:
+                    self.client.log_batch(self.run_id, tags=self._pending_tags)
+                    self._pending_tags = []
+                while self._pending:
+                    chunk = self._pending[:1000]
+                    self.client.log_batch(self.run_id, metrics=chunk)
+                    del self._pending[: len(chunk)]
+        except MlflowException as e:
+            if e.error_code == "INVALID_PARAMETER_VALUE":  # a bad value, not an outage: drop it, say so
+                log.warning("MLflow rejected metrics/tags (%s); dropping %d value(s)", _one_line(e),
+                            len(self._pending) + len(self._pending_tags))
+                self._pending.clear()
+                self._pending_tags = []
+                return True
+            return self._outage(e)
+        except Exception as e:  # connection errors surface as several types depending on the store
+            return self._outage(e)
+        if self._outage_since is not None:
+            log.info("MLflow is reachable again after %.0fs; buffered metrics sent", time.monotonic() -
+                     self._outage_since)
+            self._outage_since = None
+        return True
+
+    def _outage(self, e: BaseException) -> bool:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("MLflow did not accept metrics (%s); training goes on, metrics are buffered and resent "
+                        "every %.0fs", _one_line(e), RETRY_SECONDS)
+        self._next_retry = time.monotonic() + RETRY_SECONDS
+        return False
+
+    @property
+    def pending(self) -> int:
+        """Metric values and tags not sent yet (buffered during an outage)."""
+        return len(self._pending) + len(self._pending_tags)
+
+    def flush(self) -> Path | None:
+        """Send buffered metrics now; what still cannot be sent goes to ``mlflow-unsent/<run>.jsonl``."""
+        if self.run_id is None or self._flush(force=True):
+            return None
+        out = Path(UNSENT_DIR) / f"{self.run_id}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as f:
+            for m in self._pending:
+                f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
+                                    "timestamp": m.timestamp, "step": m.step}) + "\n")
+            for t in self._pending_tags:
+                f.write(json.dumps({"run_id": self.run_id, "tag": t.key, "value": t.value}) + "\n")
+        log.warning("MLflow stayed unreachable: %d metric value(s) and %d tag(s) of run %s saved to %s",
+                    len(self._pending), len(self._pending_tags), self.run_id, out)
+        self._pending.clear()
+        self._pending_tags = []
+        return out
+
+    # params, tags, artifacts ------------------------------------------------
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flattened, redacted params (values cut to MLflow's 6000 characters)."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import Param
+
+        flat = redact(flatten(params))
+        items = [Param(k[:250], str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        self._pending_tags.extend(RunTag(k, _tag_value(k, v)) for k, v in tags.items() if v is not None)
+        self._flush()
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or directory (reports, validation results). A failure is a warning, not fatal."""
+        if self.run_id is None:
+            return
+        p = Path(path)
+        try:
+            if p.is_dir():
+                self.client.log_artifacts(self.run_id, str(p), artifact_path=artifact_path)
+            elif p.exists():
+                self.client.log_artifact(self.run_id, str(p), artifact_path=artifact_path)
+        except Exception as e:
+            log.warning("MLflow: could not upload %s as an artifact (%s); it stays on disk", p, _one_line(e))
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if self.run_id is None:
+            return
+        try:
+            self.client.log_dict(self.run_id, obj, artifact_file)
+        except Exception as e:
+            log.warning("MLflow: could not upload %s (%s)", artifact_file, _one_line(e))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush buffered metrics and mark the run terminated (a failure here is a warning only)."""
+        if self.run_id is None:
+            return
+        self.flush()
+        try:
+            with _quick_http():
+                self.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, _one_line(e))
+
+
+def _status_for(exc: BaseException | None) -> str:
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def _active_fluent_run_id() -> str | None:
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        return run.info.run_id if run is not None else None
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: Any = None, tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """An MLflow run for one stage, nested under the pipeline's parent run when there is one.
+
+    The parent is ``RLHF_PARENT_RUN_ID`` (set by :func:`pipeline_run` / :func:`start_pipeline_run`),
+    else an active ``mlflow.start_run()`` of the caller. The run ends FINISHED, or FAILED/KILLED when
+    the body raises.
+    """
+    if not enabled():
+        yield Tracker(None)
+        return
+    client, exp_id = connect()
+    parent = os.environ.get(ENV_PARENT) or _active_fluent_run_id()
+    all_tags = default_tags({"stage": stage, ROLE_TAG: "stage", **(tags or {})})
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
-        tracker = Tracker(run)
+    run = client.create_run(exp_id, run_name=stage, tags=_run_context_tags(all_tags))
+    tracker = Tracker(run, client)
+    log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, display_uri())
+    exc: BaseException | None = None
+    try:
         if config is not None:
             tracker.log_params(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
-        log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
         yield tracker
+    except BaseException as e:
+        exc = e
+        raise
+    finally:
+        tracker.close(_status_for(exc))
+
+
+# ----------------------------------------------------------------------------- pipeline (parent) runs
+
+_RUN_ID_OK = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
+
+
+def _check_pipeline_run_id(pipeline_run_id: str) -> str:
+    if not _RUN_ID_OK.match(pipeline_run_id):
+        raise UserError(f"pipeline run id {pipeline_run_id!r} has characters other than letters, digits and "
+                        "_.:@/+-", hint="use the KFP run id or a UUID")
+    return pipeline_run_id
+
+
+def find_pipeline_run(client, experiment_id: str, pipeline_run_id: str):
+    """The parent run of ``pipeline_run_id`` in the experiment, or None."""
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.pipeline_run_id = '{_check_pipeline_run_id(pipeline_run_id)}' and tags.`{ROLE_TAG}` = 'pipeline'"),
+        max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def start_pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-pipeline", config: Any = None,
+                       tags: dict[str, Any] | None = None) -> str | None:
+    """Find (retry) or create the parent run of a pipeline run and export it for the stages.
+
+    Sets ``RLHF_PIPELINE_RUN_ID`` (the given id, ``$RLHF_PIPELINE_RUN_ID``, ``$KFP_RUN_ID`` or a new
+    UUID), ``RLHF_PARENT_RUN_ID`` and ``RLHF_DATA_HASH`` (when known) in ``os.environ`` so nested
+    stage runs in this process and its children attach. Returns the parent run id (None when
+    tracking is off). For steps in separate processes (KFP), call it in each step with the same id.
+    """
+    pipeline_run_id = _check_pipeline_run_id(pipeline_run_id or os.environ.get(ENV_PIPELINE)
+                                             or os.environ.get("KFP_RUN_ID") or uuid.uuid4().hex)
+    os.environ[ENV_PIPELINE] = pipeline_run_id
+    dh = data_hash()
+    if dh:
+        os.environ[ENV_DATA_HASH] = dh
+    if not enabled():
+        return None
+    client, exp_id = connect()
+    run = find_pipeline_run(client, exp_id, pipeline_run_id)
+    if run is None:
+        all_tags = default_tags({ROLE_TAG: "pipeline", "pipeline_run_id": pipeline_run_id, **(tags or {})})
+        run = client.create_run(exp_id, run_name=name, tags=_run_context_tags(all_tags))
+        log.info("MLflow pipeline run %s (pipeline run id %s) at %s", run.info.run_id, pipeline_run_id,
+                 display_uri())
+        if config is not None:
+            Tracker(run, client).log_params(config.model_dump(mode="json") if hasattr(config, "model_dump")
+                                            else config)
+    else:
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        log.info("MLflow pipeline run %s reused for retried pipeline run %s", run.info.run_id, pipeline_run_id)
+    os.environ[ENV_PARENT] = run.info.run_id
+    return run.info.run_id
+
+
+def end_pipeline_run(status: str = "FINISHED", run_id: str | None = None) -> None:
+    """Mark the parent run terminated (``FINISHED``/``FAILED``/``KILLED``)."""
+    run_id = run_id or os.environ.get(ENV_PARENT)
+    if enabled() and run_id:
+        Tracker(run_id).close(status)
+
+
+@contextlib.contextmanager
+def pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-pipeline", config: Any = None,
+                 tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """The parent run of one pipeline run; stage runs started inside are nested under it.
+
+    ``with tracking.pipeline_run(kfp_run_id): train_sft(...); ...`` -- the environment variables of
+    :func:`start_pipeline_run` are set inside the block (and child processes inherit them) and
+    restored after it; the parent ends FINISHED, or FAILED when the block raises.
+    """
+    keys = (ENV_PARENT, ENV_PIPELINE, ENV_DATA_HASH)
+    saved = {k: os.environ.get(k) for k in keys}
+    exc: BaseException | None = None
+    try:
+        run_id = start_pipeline_run(pipeline_run_id, name=name, config=config, tags=tags)
+        tracker = Tracker(run_id)
+        try:
+            yield tracker
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            tracker.close(_status_for(exc))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+__all__ = ["enabled", "tracking_uri", "experiment_name", "connect", "check_reachable", "stage_run", "pipeline_run",
+           "start_pipeline_run", "end_pipeline_run", "find_pipeline_run", "Tracker", "redact", "redact_value",
+           "is_secret_key", "flatten", "config_params", "default_tags", "git_commit", "data_hash"]

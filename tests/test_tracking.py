@@ -1,0 +1,247 @@
+"""rlhf.tracking: parent/nested runs, lineage tags, redaction, fail-fast, buffering during an outage.
+
+Real MLflow on a SQLite file in a temporary directory (no server; the HTTP server is exercised in
+test_mlflow_server.py). No models are trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from rlhf import tracking
+from rlhf.config import EvaluateConfig, ModelConfig
+from rlhf.errors import UserError
+
+SECRET = "hf_" + "S3cr3tT0kenValue" * 3
+
+
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tracking") / "mlflow.db"  # one database (migrations take seconds)
+
+
+@pytest.fixture
+def mlflow_sqlite(tracking_db, tmp_path, monkeypatch, request):
+    """A SQLite store, an experiment of this test's own; the current directory is tmp (mlruns/, mlflow-unsent/)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tracking_db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", request.node.name)
+    for k in ("RLHF_TRACKING", tracking.ENV_PARENT, tracking.ENV_PIPELINE, "KFP_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(tracking.ENV_DATA_HASH, "d41d8cd98f00b204e9800998ecf8427e.dir")
+    monkeypatch.setenv("RLHF_PROFILE", "tiny")
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize("key", ["hf_token", "HF_TOKEN", "db.password", "aws_secret_access_key", "awsSecretAccessKey",
+                                 "api_key", "apiKey", "openai.api-key", "MLFLOW_TRACKING_TOKEN", "client_secret",
+                                 "credentials", "storage.access_key", "auth", "s3.secret", "dbPassword"])
+def test_secret_keys_are_recognised(key):
+    assert tracking.is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", ["max_new_tokens", "pad_token", "eos_token", "tokenizer", "tokens_per_s",
+                                 "model.name", "lr", "kl_budget", "min_tokens", "lora_target_modules", "key_metrics"])
+def test_ordinary_keys_are_kept(key):
+    assert not tracking.is_secret_key(key)
+
+
+def test_redact_masks_secret_keys_and_values():
+    params = tracking.redact(tracking.flatten({
+        "hf_token": SECRET,
+        "storage": {"uri": "postgresql://mlflow:hunter2@db:5432/mlflow", "access_key": "AKIAABCDEFGHIJKLMNOP"},
+        "endpoint": "https://s3.example.com/b?X-Amz-Signature=abcdef123&x=1",
+        "note": f"token in a value {SECRET}",
+        "header": "Bearer abcdefghijklmnop",
+        "max_new_tokens": 48, "pad_token": "<|pad|>", "lr": 0.1, "empty_password": "",
+    }))
+    text = json.dumps(params)
+    for s in (SECRET, "hunter2", "AKIAABCDEFGHIJKLMNOP", "abcdef123", "abcdefghijklmnop"):
+        assert s not in text
+    assert params["hf_token"] == "***"
+    assert params["storage.uri"] == "postgresql://***@db:5432/mlflow"
+    assert params["max_new_tokens"] == 48 and params["pad_token"] == "<|pad|>" and params["lr"] == 0.1
+    assert params["empty_password"] == ""  # nothing to hide, and an empty value tells the reader it was unset
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_pipeline_run_nests_stage_runs_with_params_tags_and_step_metrics(mlflow_sqlite, tmp_path):
+    client = mlflow_sqlite
+    cfg = EvaluateConfig(max_new_tokens=17)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# report\n")
+    with tracking.pipeline_run("kfp-run-0001", config={"dataset": "d", "hf_token": SECRET}) as parent:
+        import os
+
+        assert os.environ[tracking.ENV_PARENT] == parent.run_id
+        assert os.environ[tracking.ENV_PIPELINE] == "kfp-run-0001"
+        with tracking.stage_run("sft", cfg, tags={"model": "tiny"}) as t:
+            t.log_params({"model": ModelConfig().model_dump(mode="json"), "hub": {"token": SECRET}})
+            for step in range(1, 4):
+                t.log_metrics({"loss": 1.0 / step, "nan_is_skipped": float("nan")}, step=step)
+            t.log_metrics({"eval_loss": 0.5})
+            t.log_artifacts(report, "report")
+            t.set_tags({"auth_token": SECRET, "note": f"see {SECRET}"})
+            stage_id = t.run_id
+    assert tracking.ENV_PARENT not in os.environ and tracking.ENV_PIPELINE not in os.environ  # restored
+
+    prun, srun = client.get_run(parent.run_id), client.get_run(stage_id)
+    assert prun.info.status == "FINISHED" and srun.info.status == "FINISHED"
+    assert srun.data.tags["mlflow.parentRunId"] == parent.run_id
+    for run in (prun, srun):
+        tags = run.data.tags
+        assert tags["pipeline_run_id"] == "kfp-run-0001"
+        assert tags["data_hash"] == "d41d8cd98f00b204e9800998ecf8427e.dir"
+        assert tags["profile"] == "tiny" and tags["host"] == socket.gethostname()
+        assert len(tags["git_commit"]) == 40  # the package's checkout
+    assert srun.data.tags["stage"] == "sft" and srun.data.tags["model"] == "tiny"
+    assert srun.data.tags["auth_token"] == "***" and srun.data.tags["note"] == "see ***"
+    assert srun.info.run_name == "sft"
+    p = srun.data.params
+    assert p["max_new_tokens"] == "17" and p["gate_metric"] == "gold" and p["model.name"] == "tiny"
+    assert p["hub.token"] == "***" and prun.data.params["hf_token"] == "***"
+    assert SECRET not in json.dumps([p, prun.data.params, srun.data.tags, prun.data.tags])
+    assert [(m.step, m.value) for m in client.get_metric_history(stage_id, "loss")] == [(1, 1.0), (2, 0.5),
+                                                                                      (3, 1 / 3)]
+    assert "nan_is_skipped" not in srun.data.metrics and srun.data.metrics["eval_loss"] == 0.5
+    assert [f.path for f in client.list_artifacts(stage_id, "report")] == ["report/report.md"]
+
+
+def test_retried_pipeline_run_reuses_its_parent_and_failures_are_recorded(mlflow_sqlite):
+    client = mlflow_sqlite
+    with pytest.raises(RuntimeError):
+        with tracking.pipeline_run("retry-me") as first:
+            with tracking.stage_run("reward") as t:
+                failed_stage = t.run_id
+                raise RuntimeError("boom")
+    assert client.get_run(failed_stage).info.status == "FAILED"
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    with tracking.pipeline_run("retry-me") as second:  # the KFP retry: same pipeline run id
+        with tracking.stage_run("reward") as t:
+            ok_stage = t.run_id
+    assert second.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert client.get_run(ok_stage).data.tags["mlflow.parentRunId"] == first.run_id
+    # steps in separate processes (KFP) attach with start/end_pipeline_run
+    import os
+
+    try:
+        assert tracking.start_pipeline_run("retry-me") == first.run_id
+        assert os.environ[tracking.ENV_PARENT] == first.run_id
+        tracking.end_pipeline_run("FINISHED")
+    finally:
+        os.environ.pop(tracking.ENV_PARENT, None)
+        os.environ.pop(tracking.ENV_PIPELINE, None)
+    with pytest.raises(UserError, match="pipeline run id"):
+        tracking.start_pipeline_run("bad' or 1=1")
+
+
+def test_tracking_off_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_TRACKING", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
+    with tracking.pipeline_run("x"), tracking.stage_run("sft", EvaluateConfig()) as t:
+        t.log_metrics({"loss": 1.0}, step=1)
+        t.set_tags({"a": 1})
+        assert t.run_id is None
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- unreachable MLflow
+
+
+def test_unreachable_server_fails_fast_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RLHF_TRACKING", raising=False)
+    port = _free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:pw@127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        with tracking.stage_run("sft"):
+            pytest.fail("the stage body must not run")
+    assert time.monotonic() - t0 < 10
+    msg = err.value.one_line()
+    assert f"MLflow tracking server http://***@127.0.0.1:{port} is unreachable" in msg and "\n" not in msg
+    assert "pw" not in msg.replace("http://***@", "")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql+psycopg2://u:secretpw@127.0.0.1:{port}/mlflow")
+    with pytest.raises(UserError, match="database .* is unreachable") as err:
+        tracking.check_reachable(tracking.tracking_uri())
+    assert "secretpw" not in err.value.one_line()
+
+
+def test_cli_reports_unreachable_server_in_one_line(tmp_path):
+    port = _free_port()
+    proc = run_cli("models", "list", "--params", str(tmp_path / "none.yaml"), cwd=tmp_path,
+                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "RLHF_TRACKING": "on"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"http://127.0.0.1:{port} is unreachable" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_metrics_are_buffered_during_an_outage_and_resent(mlflow_sqlite, monkeypatch, caplog):
+    client = mlflow_sqlite
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.0)
+    with tracking.stage_run("ppo") as t:
+        real = t.client.log_batch
+        down = {"on": True}
+
+        def flaky(*a, **kw):
+            if down["on"]:
+                raise ConnectionError("server went away")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(t.client, "log_batch", flaky)
+        t.log_metrics({"reward": 1.0}, step=1)  # must not raise: training goes on
+        t.log_metrics({"reward": 2.0}, step=2)
+        t.set_tags({"resumed_from_step": 0})
+        assert t.pending == 3
+        assert "training goes on" in caplog.text
+        down["on"] = False
+        t.log_metrics({"reward": 3.0}, step=3)  # the server is back: everything goes out
+        assert t.pending == 0
+        run_id = t.run_id
+    assert [m.value for m in client.get_metric_history(run_id, "reward")] == [1.0, 2.0, 3.0]
+    assert client.get_run(run_id).data.tags["resumed_from_step"] == "0"
+
+
+def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, monkeypatch, tmp_path):
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        def broken(*a, **kw):
+            raise ConnectionError("down for good")
+
+        monkeypatch.setattr(t.client, "log_batch", broken)
+        t.log_metrics({"loss": 0.25}, step=7)
+        run_id = t.run_id
+    saved = tmp_path / "mlflow-unsent" / f"{run_id}.jsonl"
+    rows = [json.loads(x) for x in saved.read_text().splitlines()]
+    assert rows == [{"run_id": run_id, "key": "loss", "value": 0.25, "timestamp": rows[0]["timestamp"], "step": 7}]
+    assert client.get_run(run_id).info.status == "FINISHED"  # closing the run is separate from the metrics
+
+
+def test_default_uri_is_a_sqlite_file_in_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{Path(tmp_path / 'mlflow.db').resolve()}"
