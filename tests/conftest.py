@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# MLflow is exercised by the tracking/registry/server tests, which switch it on themselves; elsewhere it is
+# off so no test writes an mlflow.db into the working tree
+os.environ.setdefault("RLHF_TRACKING", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf import tracking
 from rlhf.config import ValidateConfig
 from rlhf.data import COLUMNS, KINDS, load_split
 from rlhf.errors import ValidationFailed
@@ -203,13 +204,18 @@ def _html(doc: dict) -> str:
 def validate(dataset: str | Path, out: str | Path, cfg: ValidateConfig | None = None) -> dict[str, Any]:
     """Validate a prepared dataset; write the report to ``out``; raise ValidationFailed on any failure."""
     cfg = cfg or ValidateConfig()
-    doc = run_checks(dataset, cfg)
-    metrics = {"checks": doc["n_checks"], "failed": doc["n_failed"], "passed": int(doc["success"])}
-    with atomic_dir(out) as tmp:
-        write_json(tmp / "validation.json", doc)
-        (tmp / "report.md").write_text(_markdown(doc), encoding="utf-8")
-        (tmp / "report.html").write_text(_html(doc), encoding="utf-8")
-        write_manifest(tmp, kind="validation-report", inputs={"dataset": dataset}, config=cfg, metrics=metrics)
+    with tracking.stage_run("validate", cfg) as tracker:
+        doc = run_checks(dataset, cfg)
+        metrics = {"checks": doc["n_checks"], "failed": doc["n_failed"], "passed": int(doc["success"])}
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "validation.json", doc)
+            (tmp / "report.md").write_text(_markdown(doc), encoding="utf-8")
+            (tmp / "report.html").write_text(_html(doc), encoding="utf-8")
+            write_manifest(tmp, kind="validation-report", inputs={"dataset": dataset}, config=cfg,
+                           metrics=metrics)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"validation_passed": doc["success"]})
+        tracker.log_artifacts(out, "validation")
     if not doc["success"]:
         first = next(c for c in doc["checks"] if not c["success"])
         n = first["unexpected_count"]
