@@ -31,10 +31,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 data: install  ## get data/raw (dvc pull, or regenerate the demo data and check it against data.dvc)
 	$(BIN)/rlhf fetch-data
 
-run: data  ## run the whole pipeline on the demo data
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+run: data  ## run the whole pipeline on the demo data (KFP local runner; summary at the end)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/rlhf run
 
-repro: run
+repro: data  ## the same stages as DVC stages: dvc repro (skips what is unchanged)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install  ## run the test suite
 	$(BIN)/pytest -q

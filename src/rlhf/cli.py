@@ -112,6 +112,25 @@ def reward_cmd(
     _print_metrics(f"reward model written to {out}", metrics)
 
 
+@app.command("ppo")
+def ppo_cmd(
+    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory (train prompts)"),
+    sft: Path = typer.Option(Path("artifacts/sft"), "--sft", "--sft-model",
+                             help="SFT policy to start from (and the KL reference)"),
+    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", "--reward-model", help="reward model"),
+    out: Path = typer.Option(Path("artifacts/ppo"), help="output policy directory (+ critic/)"),
+    params: Path = PARAMS,
+):
+    """PPO against the reward model; resumes from <out>.checkpoints. Multi-GPU: torchrun -m rlhf.cli ppo."""
+    from rlhf.config import ModelConfig, PPOConfig, load_stage
+    from rlhf.ppo import train_ppo
+
+    metrics = train_ppo(dataset, sft, reward_model, out, load_stage(PPOConfig, "ppo", params),
+                        load_stage(ModelConfig, "model", params))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_metrics(f"PPO policy written to {out}", metrics)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
@@ -130,6 +149,270 @@ def evaluate_cmd(
                        load_stage(ModelConfig, "model", params), champion=champion)
     gate = "PASSED" if metrics["gate_passed"] else "FAILED"
     _print_metrics(f"evaluation in {out} (gate {gate}, report {out / 'report.html'})", metrics)
+
+
+@app.command("register")
+def register_cmd(
+    policy: Path = typer.Option(Path("artifacts/ppo"), help="the evaluated policy"),
+    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", help="its reward model"),
+    evaluation: Path = typer.Option(Path("artifacts/evaluation"), help="the evaluation (gate.json) of the policy"),
+    pipeline_run_id: str | None = typer.Option(None, envvar="RLHF_PIPELINE_RUN_ID",
+                                               help="retries with the same id never create a second version"),
+    out: Path | None = typer.Option(Path("artifacts/registration.json"), help="receipt (JSON) of what happened"),
+    params: Path = PARAMS,
+):
+    """Register the policy (+ reward model) in MLflow: alias challenger; champion only if the gate passed."""
+    from rlhf.config import RegisterConfig, load_stage
+    from rlhf.io import write_json
+    from rlhf.registry import register
+
+    result = register(policy, reward_model, evaluation, load_stage(RegisterConfig, "register", params),
+                      pipeline_run_id=pipeline_run_id)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
+    state = f"champion -> v{result['version']}" if result["promoted"] else \
+        f"champion stays {('v' + str(result['champion'])) if result['champion'] else 'unset'}"
+    typer.echo(f"{result['model_name']} v{result['version']} ({'new' if result['created'] else 'existing'}, "
+               f"aliases: {', '.join(result['aliases']) or '-'}); {state}: {result['decision']}")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, rollback, generate.")
+app.add_typer(models_app, name="models")
+
+
+def _register_cfg(params: Path, name: str | None):
+    from rlhf.config import RegisterConfig, load_stage
+
+    return load_stage(RegisterConfig, "register", params, overrides={"model_name": name})
+
+
+MODEL_NAME = typer.Option(None, "--name", help="registered model name (default: register.model_name)")
+
+
+@models_app.command("list")
+def models_list_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME,
+                    as_json: bool = typer.Option(False, "--json", help="print JSON rows")):
+    """Versions with aliases, gate, key metrics, data hash and pipeline run (newest first)."""
+    from rlhf import registry
+
+    cfg = _register_cfg(params, name)
+    rows = registry.list_versions(cfg)
+    typer.echo(json.dumps(rows, indent=1) if as_json else registry.format_versions(rows, cfg))
+
+
+@models_app.command("promote")
+def models_promote_cmd(version: int = typer.Argument(..., help="version to make champion"),
+                       reason: str = typer.Option(..., "--reason", help="why (recorded as a tag)"),
+                       params: Path = PARAMS, name: str | None = MODEL_NAME):
+    """Make a version the champion by hand (the reason is recorded)."""
+    from rlhf import registry
+
+    typer.echo(registry.promote(version, reason, _register_cfg(params, name))["message"])
+
+
+@models_app.command("rollback")
+def models_rollback_cmd(reason: str | None = typer.Option(None, "--reason", help="why (recorded as a tag)"),
+                        params: Path = PARAMS, name: str | None = MODEL_NAME):
+    """Move champion back to the previous champion."""
+    from rlhf import registry
+
+    typer.echo(registry.rollback(_register_cfg(params, name), reason)["message"])
+
+
+@models_app.command("generate")
+def models_generate_cmd(prompt: str = typer.Argument(..., help="the user's message"),
+                        alias: str = typer.Option("champion", help="which alias to load"),
+                        max_new_tokens: int | None = typer.Option(None, help="default: register.max_new_tokens"),
+                        temperature: float | None = typer.Option(None, help="default: register.temperature"),
+                        seed: int | None = typer.Option(None, help="sampling seed (default: register.seed)"),
+                        params: Path = PARAMS, name: str | None = MODEL_NAME):
+    """Load models:/<name>@champion from MLflow and print a completion of the prompt."""
+    from rlhf import registry
+
+    typer.echo(registry.generate(prompt, _register_cfg(params, name), alias=alias, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed))
+
+
+@models_app.command("champion-path")
+def models_champion_path_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME):
+    """Download the champion policy (cached) and print its directory, for evaluate --champion; empty if none."""
+    from rlhf import registry
+
+    path = registry.champion_dir(_register_cfg(params, name))
+    typer.echo(str(path) if path else "")
+
+
+# ---------------------------------------------------------------------------- the pipeline (KFP)
+
+PIPELINE_PARAM = typer.Option([], "--param", "-p", help="pipeline parameter NAME=VALUE (repeatable), e.g. "
+                              "-p sft_max_steps=20; `rlhf compile` + the YAML header list them all")
+SET_FIELD = typer.Option([], "--set", help="any config field SECTION.FIELD=VALUE (repeatable), e.g. --set "
+                         "ppo.total_steps=5 (the pipeline parameter `overrides`)")
+PROFILE = typer.Option(None, help="params profile (default: $RLHF_PROFILE, else params.yaml's `profile:`; "
+                       "'none': the base sections)")
+IMAGE_OPT = typer.Option(None, "--image", envvar="RLHF_IMAGE", help="component image (CPU steps)")
+GPU_IMAGE_OPT = typer.Option(None, "--gpu-image", envvar="RLHF_GPU_IMAGE",
+                             help="image of GPU steps (default: the CPU image's tag + '-cuda')")
+HOST = typer.Option(..., "--host", envvar="KFP_HOST", help="KFP API endpoint (token: $KFP_TOKEN)")
+EXPERIMENT = typer.Option("rlhf", help="KFP experiment")
+SERVICE_ACCOUNT = typer.Option(None, "--service-account", help="service account of the run's pods")
+NAMESPACE = typer.Option(None, "--namespace", help="KFP namespace (multi-user Kubeflow)")
+
+
+@app.command("run")
+def run_cmd(
+    raw: Path = typer.Option(Path("data/raw"), help="raw data directory (`make data` fetches it)"),
+    params: Path = PARAMS,
+    profile: str | None = PROFILE,
+    runs_dir: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    param: list[str] = PIPELINE_PARAM,
+    set_fields: list[str] = SET_FIELD,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show everything the steps print"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only stage lines and the summary"),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads per step (OMP_NUM_THREADS); 1 is "
+                                       "fastest for the tiny model on a busy machine"),
+):
+    """Run the whole pipeline here with the KFP local runner (CPU, demo data); prints a summary."""
+    from rlhf import pipeline_run
+
+    result = pipeline_run.run_local(raw=raw, params=params, profile=profile, runs_dir=runs_dir,
+                                    parameters=pipeline_run.parse_assignments(param),
+                                    overrides=pipeline_run.dotted_overrides(set_fields), verbose=verbose,
+                                    quiet=quiet, threads=threads)
+    typer.echo(pipeline_run.format_summary(result))
+
+
+def _kfp_call(fn, *args, **kwargs):
+    """Run a KFP client call; its errors become one-line user errors."""
+    from rlhf import pipeline_run
+
+    pipeline_run.import_pipelines()
+    from pipelines.client import KfpError
+
+    try:
+        return fn(*args, **kwargs)
+    except KfpError as e:
+        raise UserError(str(e)) from None
+
+
+def _run_parameters(params: Path, profile: str | None, param: list[str], set_fields: list[str],
+                    data_revision: str | None, data_hash: str | None) -> dict:
+    from rlhf import pipeline_run, tracking, versioning
+
+    pipeline_run.import_pipelines()
+    from pipelines import rlhf_pipeline
+
+    if not params.exists():
+        raise UserError(f"params file not found: {params}", hint="run from the project root or pass --params")
+    if data_hash is None:
+        data_hash = versioning.data_hash("data.dvc") if Path("data.dvc").exists() else ""
+    values = {"data_revision": data_revision if data_revision is not None else (tracking.git_commit() or ""),
+              "data_hash": data_hash, "params_yaml": rlhf_pipeline.params_text(params.read_text(encoding="utf-8")),
+              "profile": profile or ""}
+    overrides = pipeline_run.dotted_overrides(set_fields)
+    if overrides:
+        values["overrides"] = overrides
+    values.update(pipeline_run.parse_assignments(param))
+    pipeline_run.check_parameters(values, rlhf_pipeline.pipeline_parameters())
+    return values
+
+
+@app.command("compile")
+def compile_cmd(
+    out: Path = typer.Option(Path("pipeline.yaml"), "--out", "-o", help="where the pipeline YAML goes"),
+    image: str | None = IMAGE_OPT,
+    gpu_image: str | None = GPU_IMAGE_OPT,
+    params: Path = PARAMS,
+):
+    """Compile the pipeline to KFP YAML (IR + Kubernetes platform spec): the deployable artifact."""
+    from rlhf import pipeline_run
+
+    pipeline_run.import_pipelines()
+    from pipelines import rlhf_pipeline
+
+    text = params.read_text(encoding="utf-8") if params.exists() else ""
+    path = rlhf_pipeline.compile_pipeline(out, image=image, gpu_image=gpu_image, params_yaml=text)
+    typer.echo(f"pipeline written to {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command("submit")
+def submit_cmd(
+    host: str = HOST,
+    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="compiled pipeline YAML "
+                                              "(default: compile now)"),
+    data_revision: str | None = typer.Option(None, help="data/code revision recorded with the run "
+                                             "(default: git HEAD)"),
+    data_hash: str | None = typer.Option(None, help="DVC md5 of data/raw (default: from data.dvc)"),
+    params: Path = PARAMS,
+    profile: str | None = PROFILE,
+    param: list[str] = PIPELINE_PARAM,
+    set_fields: list[str] = SET_FIELD,
+    experiment: str = EXPERIMENT,
+    run_name: str | None = typer.Option(None, help="display name (default: rlhf <revision> <time>)"),
+    service_account: str | None = SERVICE_ACCOUNT,
+    namespace: str | None = NAMESPACE,
+    image: str | None = IMAGE_OPT,
+    gpu_image: str | None = GPU_IMAGE_OPT,
+    wait: bool = typer.Option(False, "--wait", help="follow the run to its end, printing step states"),
+    poll: float = typer.Option(30.0, help="seconds between status polls with --wait"),
+    timeout: float = typer.Option(6 * 3600, help="give up waiting after this many seconds"),
+    summary_file: Path | None = typer.Option(None, help="with --wait: append a Markdown summary (gate "
+                                             "decision) to this file, e.g. $GITHUB_STEP_SUMMARY"),
+):
+    """Create a run of the pipeline on a Kubeflow Pipelines endpoint (token from $KFP_TOKEN)."""
+    import time as _time
+
+    from rlhf import pipeline_run
+
+    values = _run_parameters(params, profile, param, set_fields, data_revision, data_hash)
+    from pipelines import client as kfp
+
+    spec = kfp.compiled_spec(pipeline_file, image=image, gpu_image=gpu_image, params_yaml=values["params_yaml"])
+    name = run_name or f"rlhf {values['data_revision'][:8] or 'local'} {_time.strftime('%Y-%m-%d %H:%M:%S')}"
+    api = kfp.KfpClient(host, namespace=namespace)
+    run = _kfp_call(kfp.submit, api, pipeline_spec=spec, parameters=values, experiment=experiment,
+                    run_name=name, service_account=service_account, wait=wait, poll_s=poll, timeout_s=timeout,
+                    echo=typer.echo)
+    if not wait:
+        return
+    gate = kfp.gate_from_run(run)
+    typer.echo(f"run {run.get('run_id')} {run.get('state')}; gate {gate[0]}: {gate[1]}")
+    if summary_file is not None:
+        with open(summary_file, "a", encoding="utf-8") as f:
+            f.write(kfp.summary_markdown(run, host, gate, values))
+    if run.get("state") != "SUCCEEDED":
+        raise pipeline_run.RunFailed(f"run {run.get('run_id')} ended {run.get('state')}",
+                                     hint=f"{host.rstrip('/')}/#/runs/details/{run.get('run_id')}")
+
+
+@app.command("schedule")
+def schedule_cmd(
+    host: str = HOST,
+    cron: str = typer.Option(..., "--cron", help="cron schedule; KFP form has seconds first (`0 0 3 * * *`), "
+                             "a 5-field crontab gets 0 seconds"),
+    name: str = typer.Option("rlhf-recurring", help="recurring run name (the key that makes this idempotent)"),
+    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="compiled pipeline YAML "
+                                              "(default: compile now)"),
+    params: Path = PARAMS,
+    profile: str | None = PROFILE,
+    param: list[str] = PIPELINE_PARAM,
+    set_fields: list[str] = SET_FIELD,
+    data_hash: str | None = typer.Option(None, help="DVC md5 of data/raw (default: from data.dvc)"),
+    experiment: str = EXPERIMENT,
+    service_account: str | None = SERVICE_ACCOUNT,
+    namespace: str | None = NAMESPACE,
+    image: str | None = IMAGE_OPT,
+    gpu_image: str | None = GPU_IMAGE_OPT,
+):
+    """Create or update the recurring run (max concurrency 1, no catch-up); running it again changes nothing."""
+    values = _run_parameters(params, profile, param, set_fields, None, data_hash)
+    from pipelines import client as kfp
+
+    spec = kfp.compiled_spec(pipeline_file, image=image, gpu_image=gpu_image, params_yaml=values["params_yaml"])
+    api = kfp.KfpClient(host, namespace=namespace)
+    _kfp_call(kfp.schedule, api, pipeline_spec=spec, parameters=values, experiment=experiment, name=name,
+              cron=cron, service_account=service_account, echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

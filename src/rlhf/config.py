@@ -103,6 +103,101 @@ class EvaluateConfig(StageConfig):
     kl_budget: float = Field(20.0, gt=0, description="max mean sequence KL(candidate || SFT) in nats")
 
 
+class PPOConfig(StageConfig):
+    """PPO on the policy against the reward model (see ``rlhf.ppo`` for the checklist choices).
+
+    Batch arithmetic (checklist 24), per rank: ``rollout_batch_size`` prompts per step, split into
+    ``num_minibatches`` minibatches (one optimizer step each) of micro-batches of
+    ``micro_batch_size`` (gradient accumulation); ``ppo_epochs`` passes over the batch per step.
+    The global batch is ``rollout_batch_size * world_size``.
+    """
+
+    total_steps: int = Field(60, ge=1, description="PPO steps (rollout + update) to run")
+    rollout_batch_size: int = Field(32, ge=1, description="prompts sampled per step and rank")
+    num_minibatches: int = Field(1, ge=1, description="minibatches (optimizer steps) per PPO epoch")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient "
+                                         "accumulation); default: the whole minibatch")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    generation_batch_size: int | None = Field(None, ge=1, description="prompts per generate call "
+                                              "(default: all of them)")
+    forward_batch_size: int = Field(32, ge=1, description="rows per no-grad forward when scoring rollouts")
+    max_prompt_len: int = Field(128, ge=8, description="prompt budget in tokens (cut from the left)")
+    max_new_tokens: int = Field(40, ge=1, description="response budget in tokens")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature; also divides the logits of "
+                               "policy and reference when computing log-probs")
+    lr: float = Field(1e-5, gt=0, description="policy learning rate")
+    critic_lr: float | None = Field(None, gt=0, description="critic learning rate (default: lr)")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay over total_steps (to 10% of the peak for linear/cosine)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (checklist 23)")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping, per model")
+    clip_eps: float = Field(0.2, gt=0, description="policy ratio clip")
+    vf_clip_eps: float = Field(0.2, gt=0, description="value clip, around the rollout values")
+    vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus (off by default; entropy is logged)")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator in the reward")
+    kl_coef: float = Field(0.05, ge=0, description="beta: fixed, or the initial value when adaptive")
+    adaptive_kl: bool = Field(False, description="adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = Field(6.0, gt=0, description="target summed sequence KL (nats) for adaptive beta")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive beta horizon, in episodes")
+    normalize_reward: bool = Field(True, description="score -> (score - mean) / std with the reward "
+                                   "model's reward_norm (SFT demonstrations)")
+    score_clip: float | None = Field(None, gt=0, description="clip normalised scores to +-score_clip")
+    missing_eos_penalty: float | None = Field(1.0, description="subtracted from the (normalised) score of a "
+                                              "response without EOS within max_new_tokens; null: off")
+    critic_init: Literal["reward", "value_head"] = Field(
+        "reward", description="critic = the reward model, or the SFT backbone with a zero-initialised head")
+    merge_lora: bool = Field(True, description="save the policy merged (plain HF model) when LoRA is on")
+    checkpoint_every: int = Field(10, ge=0, description="checkpoint every N steps (0: never)")
+    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
+    log_every: int = Field(1, ge=1, description="progress line every N steps")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> PPOConfig:
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"num_minibatches ({self.num_minibatches})")
+        mini = self.rollout_batch_size // self.num_minibatches
+        if self.micro_batch_size is not None and mini % self.micro_batch_size:
+            raise ValueError(f"the minibatch ({mini} = rollout_batch_size / num_minibatches) must be a "
+                             f"multiple of micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class RegisterConfig(StageConfig):
+    """Model registry (MLflow): names, promotion rules, and ``rlhf models`` defaults (see ``rlhf.registry``)."""
+
+    model_name: str = Field("rlhf-policy", min_length=1, description="registered model name of the policy")
+    reward_model_name: str = Field("rlhf-reward-model", min_length=1,
+                                   description="registered model name of the reward model")
+    register_reward_model: bool = Field(True, description="also register the reward model (deduplicated by content)")
+    auto_promote: bool = Field(True, description="move 'champion' when the evaluate gate passed; false: only "
+                               "'challenger' moves and promotion is manual (rlhf models promote)")
+    require_champion_comparison: bool = Field(
+        True, description="with a champion in place, promote only if the evaluation compared against that "
+        "very champion (evaluate --champion)")
+    cache_dir: str | None = Field(None, description="where champion_dir() downloads the champion policy "
+                                  "(default $RLHF_CACHE/registry or ~/.cache/rlhf/registry)")
+    key_metrics: list[str] = Field(
+        default_factory=lambda: ["policy_gold_mean", "policy_rm_mean", "kl_to_baseline",
+                                 "win_rate_gold_vs_baseline"],
+        description="evaluation metrics shown by `rlhf models list`")
+    history_length: int = Field(50, ge=2, description="champion versions remembered for rollback")
+    max_new_tokens: int = Field(48, ge=1, description="`rlhf models generate`: response budget in tokens")
+    temperature: float = Field(0.7, gt=0, description="`rlhf models generate`: sampling temperature")
+    seed: int = 0
+
+
 C = TypeVar("C", bound=StageConfig)
 
 

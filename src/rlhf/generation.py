@@ -105,10 +105,25 @@ def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mas
             rollout_or_ids.query_ids.shape[1]
     else:
         ids, mask = rollout_or_ids, attention_mask
+    # Only the response positions need the LM head: ask the model for the last R + 1 positions when
+    # it supports ``logits_to_keep`` (saves the head's matmul and memory over the prompt tokens).
+    keep = {"logits_to_keep": ids.shape[1] - query_len + 1} if _accepts_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
-                use_cache=False)
-    logits = out.logits[:, query_len - 1 : -1].float()
+                use_cache=False, **keep)
+    logits = out.logits[:, -(ids.shape[1] - query_len + 1) : -1].float()
     return logits / temperature
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any DDP/PEFT wrappers takes ``logits_to_keep`` in its forward."""
+    import inspect
+
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

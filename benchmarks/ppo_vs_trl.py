@@ -1,0 +1,351 @@
+"""Our PPO vs TRL's last PPO trainer (trl==1.12.0, ``trl.experimental.ppo``) vs TRL 1.16's RLOOTrainer.
+
+Identical settings: the same SFT policy (model + tokenizer), reward model and training prompts;
+32 episodes per step, 16-token responses, temperature 0.7, 4 PPO epochs, 1 minibatch, beta 0.05
+(k1), clip 0.2, value clip 0.2, vf coef 0.1, gamma 1, lambda 0.95, missing-EOS penalty 1, constant
+learning rate, Adam eps 1e-5, raw (unnormalised) reward-model scores. RLOO needs >= 2 samples per
+prompt, so it gets 16 prompts x 2 samples = the same 32 episodes per step, and ``num_iterations=4``.
+
+Each trainer runs in its own process, one after the other (same threads, caches start cold):
+ours and RLOO with this project's virtualenv, TRL-PPO with a virtualenv the script creates
+(``torch==2.13.0`` first, then ``trl==1.12.0``; TRL removed PPO in 1.13). Reported per trainer:
+episodes/s over the training loop (model loading and the final save excluded), the process's peak
+RSS, and -- evaluated identically afterwards by this script -- mean gold score, reward-model score
+and KL(policy || SFT) on held-out prompts (same seeds, same 16-token budget).
+
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--size tiny|smollm2] [--steps 20] [--sft DIR --reward DIR]
+
+The tiny size builds (and caches in --work) the tiny SFT policy and reward model with the tiny
+profile's recipe unless --sft/--reward are given; smollm2 uses SmolLM2-135M-Instruct with LoRA
+(r 16) for all three trainers and needs --sft/--reward (made with the base params.yaml sections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RLHF_TRACKING", "off")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PPO_VERSION = "1.12.0"
+TORCH_VERSION = "2.13.0"
+
+# the settings every trainer gets
+S = {"episodes_per_step": 32, "response_length": 16, "temperature": 0.7, "ppo_epochs": 4, "minibatches": 1,
+     "kl_coef": 0.05, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
+     "missing_eos_penalty": 1.0, "adam_eps": 1e-5, "max_grad_norm": 1.0, "seed": 0}
+
+
+# ----------------------------------------------------------------------------- workers (one process each)
+
+
+def worker_ours(cfg: dict) -> dict:
+    from rlhf.config import ModelConfig, PPOConfig
+    from rlhf.ppo import train_ppo
+
+    mc = ModelConfig(name="tiny", device="cpu", lora=cfg["lora"], lora_r=16, lora_alpha=32)
+    pc = PPOConfig(total_steps=cfg["steps"], rollout_batch_size=S["episodes_per_step"], ppo_epochs=S["ppo_epochs"],
+                   num_minibatches=S["minibatches"], max_new_tokens=S["response_length"],
+                   temperature=S["temperature"], lr=cfg["lr"], lr_schedule="constant", adam_eps=S["adam_eps"],
+                   max_grad_norm=S["max_grad_norm"], clip_eps=S["cliprange"], vf_clip_eps=S["cliprange_value"],
+                   vf_coef=S["vf_coef"], gamma=S["gamma"], lam=S["lam"], kl_coef=S["kl_coef"], kl_estimator="k1",
+                   normalize_reward=False, missing_eos_penalty=S["missing_eos_penalty"], checkpoint_every=0,
+                   max_prompt_len=128, seed=S["seed"], log_every=5)
+    m = train_ppo(cfg["dataset"], cfg["sft"], cfg["reward"], cfg["out"], pc, mc)
+    return {"train_seconds": m["seconds"], "episodes": m["episodes"]}
+
+
+def _chat_prompts(tok, prompts: list[str]) -> list[str]:
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def worker_trl_ppo(cfg: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch.manual_seed(S["seed"])
+    tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = [tok(t, add_special_tokens=False).input_ids[-128:] for t in _chat_prompts(tok, cfg["prompts"])]
+    train = Dataset.from_dict({"input_ids": ids})
+    policy = AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
+    ref = None if cfg["lora"] else AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=torch.float32)
+    peft_config = None
+    if cfg["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules="all-linear")
+    args = PPOConfig(
+        output_dir=cfg["out"] + ".trl", per_device_train_batch_size=S["episodes_per_step"],
+        gradient_accumulation_steps=1, num_mini_batches=S["minibatches"], num_ppo_epochs=S["ppo_epochs"],
+        total_episodes=cfg["steps"] * S["episodes_per_step"], response_length=S["response_length"],
+        temperature=S["temperature"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
+        adam_epsilon=S["adam_eps"], max_grad_norm=S["max_grad_norm"], kl_coef=S["kl_coef"], kl_estimator="k1",
+        cliprange=S["cliprange"], cliprange_value=S["cliprange_value"], vf_coef=S["vf_coef"], gamma=S["gamma"],
+        lam=S["lam"], missing_eos_penalty=S["missing_eos_penalty"], stop_token="eos",
+        local_rollout_forward_batch_size=S["episodes_per_step"], num_sample_generations=0, report_to=[],
+        logging_steps=5, save_strategy="no", seed=S["seed"], use_cpu=True, bf16=False, fp16=False,
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                         train_dataset=train, value_model=value, peft_config=peft_config)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    if cfg["lora"]:
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(cfg["out"])
+    tok.save_pretrained(cfg["out"])
+    return {"train_seconds": seconds, "episodes": cfg["steps"] * S["episodes_per_step"]}
+
+
+def worker_rloo(cfg: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlhf import models
+    from rlhf.config import ModelConfig
+    from rlhf.reward import score_texts
+
+    torch.manual_seed(S["seed"])
+    tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
+    rendered = _chat_prompts(tok, cfg["prompts"])
+    raw_of = dict(zip(rendered, cfg["prompts"]))
+    rm, rm_tok = models.load_reward_model(cfg["reward"], ModelConfig(name="tiny", device="cpu"), for_training=False)
+
+    def reward(prompts, completions, **kw):  # the same RM read at EOS as in our PPO (EOS appended)
+        return score_texts(rm, rm_tok, [raw_of[p] for p in prompts], [c.strip() for c in completions],
+                           256).tolist()
+
+    policy = AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
+    peft_config = None
+    if cfg["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules="all-linear")
+    rounds = cfg["steps"]
+    args = RLOOConfig(
+        output_dir=cfg["out"] + ".trl", per_device_train_batch_size=S["episodes_per_step"], num_generations=2,
+        max_completion_length=S["response_length"], temperature=S["temperature"], top_k=0, top_p=1.0,
+        beta=S["kl_coef"], num_iterations=S["ppo_epochs"], epsilon=S["cliprange"], learning_rate=cfg["lr"],
+        lr_scheduler_type="constant", adam_epsilon=S["adam_eps"], max_grad_norm=S["max_grad_norm"],
+        max_steps=rounds * S["ppo_epochs"], logging_steps=5, report_to=[], save_strategy="no", seed=S["seed"],
+        use_cpu=True, bf16=False, disable_dropout=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = RLOOTrainer(model=policy, reward_funcs=[reward], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": rendered}), processing_class=tok,
+                          peft_config=peft_config)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg["lora"]:
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(cfg["out"])
+    tok.save_pretrained(cfg["out"])
+    return {"train_seconds": seconds, "episodes": rounds * S["episodes_per_step"]}
+
+
+WORKERS = {"ours": worker_ours, "trl_ppo": worker_trl_ppo, "rloo": worker_rloo}
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def trl_venv(path: Path) -> Path:
+    """A virtualenv with torch==2.13.0 and trl==1.12.0 (created once)."""
+    py = path / "bin" / "python"
+    marker = path / ".ready"
+    if marker.exists():
+        return py
+    print(f"creating {path} with torch=={TORCH_VERSION} and trl=={TRL_PPO_VERSION} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    subprocess.run([*pip, f"trl=={TRL_PPO_VERSION}", "peft"], check=True)
+    marker.write_text("ok\n")
+    return py
+
+
+def run_worker(python: str, name: str, cfg: dict, log_path: Path) -> dict:
+    """Run one trainer in a fresh process; its result plus peak RSS (ru_maxrss of that process)."""
+    cfg_path = log_path.with_suffix(".json")
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") if name != "trl_ppo" else ""}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", name, "--config", str(cfg_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = log_path.read_text()[-3000:]
+        return {"error": f"exit {os.waitstatus_to_exitcode(status)}", "log_tail": tail}
+    result = json.loads(Path(cfg["result"]).read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["episodes_per_s"] = result["episodes"] / result["train_seconds"]
+    return result
+
+
+def import_baseline_rss(python: str) -> float:
+    """Peak RSS (MB) of a process that only imports torch + transformers with ``python``: the floor under each row."""
+    code = ("import resource, torch, transformers; from transformers import AutoModelForCausalLM; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def evaluate_policy(path: str | Path, sft: str | Path, reward: str | Path, prompts: list[str], seed: int = 1234):
+    """Gold, RM score and KL(policy || SFT) on ``prompts``: 16-token budget, temperature 0.7, fixed seeds."""
+    import torch
+
+    from rlhf import demo, generation, models
+    from rlhf.config import ModelConfig
+    from rlhf.reward import score_texts
+
+    mc = ModelConfig(name="tiny", device="cpu")
+    pol, tok = models.load_policy(path, mc, for_training=False)
+    base, _ = models.load_policy(sft, mc, for_training=False)
+    rm, rm_tok = models.load_reward_model(reward, mc, for_training=False)
+    gold, rms, kls, eos = [], [], [], []
+    for i in range(0, len(prompts), 32):
+        batch = prompts[i : i + 32]
+        ro = generation.sample(pol, tok, batch, max_new_tokens=S["response_length"], temperature=S["temperature"],
+                               generator_seed=seed + i)
+        gold += [demo.gold_score(p, t) for p, t in zip(batch, ro.texts)]
+        rms += score_texts(rm, rm_tok, batch, ro.texts, 256).tolist()
+        with torch.no_grad():
+            lp = generation.response_logprobs(pol, ro, S["temperature"])
+            lb = generation.response_logprobs(base, ro, S["temperature"])
+        kls += ((lp - lb) * ro.response_mask).sum(1).tolist()
+        eos += ro.has_eos.float().tolist()
+    n = len(prompts)
+    return {"gold": sum(gold) / n, "rm_score": sum(rms) / n, "kl": sum(kls) / n, "eos_rate": sum(eos) / n}
+
+
+def prepare_inputs(args) -> tuple[Path, Path, Path]:
+    from rlhf import demo
+    from rlhf.config import ModelConfig, RewardConfig, SFTConfig
+    from rlhf.data import prepare
+    from rlhf.reward import train_reward
+    from rlhf.sft import train_sft
+
+    work = Path(args.work)
+    ds = Path(args.dataset) if args.dataset else work / "dataset"
+    if not ds.exists():
+        demo.generate(work / "raw")
+        prepare(work / "raw", ds)
+    if args.sft and args.reward:
+        return ds, Path(args.sft), Path(args.reward)
+    if args.size != "tiny":
+        raise SystemExit("--size smollm2 needs --sft and --reward (run `rlhf sft` / `rlhf reward` with the base params)")
+    mc = ModelConfig(name="tiny", cache_dir=str(work / "cache"), device="cpu")
+    sft, rm = work / "sft", work / "reward"
+    if not sft.exists():  # the tiny profile's recipe (params.yaml profiles.tiny)
+        train_sft(ds, sft, SFTConfig(max_steps=300, batch_size=16, lr=3e-3, max_seq_len=128, eval_max_rows=64), mc)
+    if not rm.exists():
+        train_reward(ds, sft, rm, RewardConfig(max_steps=200, batch_size=16, lr=1e-3, max_seq_len=128,
+                                               eval_max_rows=128, gold_pairs=200), mc)
+    return ds, sft, rm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=sorted(WORKERS))
+    ap.add_argument("--config")
+    ap.add_argument("--size", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--steps", type=int, default=20, help="PPO steps (x 32 episodes) per trainer")
+    ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 tiny, 5e-5 smollm2 (LoRA)")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "rlhf" / "bench-ppo"))
+    ap.add_argument("--dataset")
+    ap.add_argument("--sft")
+    ap.add_argument("--reward")
+    ap.add_argument("--trl-venv", default=str(Path.home() / ".cache" / "rlhf" / f"venv-trl-{TRL_PPO_VERSION}"))
+    ap.add_argument("--only", nargs="*", choices=sorted(WORKERS), help="run only these trainers")
+    ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"))
+    args = ap.parse_args()
+
+    if args.worker:  # inside a worker process
+        cfg = json.loads(Path(args.config).read_text())
+        result = WORKERS[args.worker](cfg)
+        result["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(cfg["result"]).write_text(json.dumps(result))
+        return
+
+    import pandas as pd
+
+    from rlhf.data import load_split
+
+    ds, sft, rm = prepare_inputs(args)
+    work = Path(args.work) / f"run-{args.size}"
+    work.mkdir(parents=True, exist_ok=True)
+    lora = args.size == "smollm2"
+    lr = args.lr or (5e-5 if lora else 3e-4)
+    train_prompts = load_split(ds, "prompts", "train")["prompt"].tolist()
+    eval_prompts = load_split(ds, "prompts", "eval")["prompt"].tolist()[: args.eval_prompts]
+    pythons = {"ours": sys.executable, "rloo": sys.executable}
+    results: dict[str, dict] = {}
+    for name in args.only or ["ours", "trl_ppo", "rloo"]:
+        if name == "trl_ppo":
+            try:
+                pythons[name] = str(trl_venv(Path(args.trl_venv)))
+            except (subprocess.CalledProcessError, OSError) as e:
+                results[name] = {"error": f"could not create the trl=={TRL_PPO_VERSION} virtualenv: {e}"}
+                continue
+        out = work / name
+        cfg = {"dataset": str(ds), "sft": str(sft), "reward": str(rm), "out": str(out), "steps": args.steps,
+               "lr": lr, "lora": lora, "prompts": train_prompts, "result": str(work / f"{name}.result.json")}
+        print(f"[bench] {name}: {args.steps} steps x {S['episodes_per_step']} episodes ...", flush=True)
+        r = run_worker(pythons[name], name, cfg, work / f"{name}.log")
+        if "error" not in r:
+            r["import_baseline_rss_mb"] = import_baseline_rss(pythons[name])
+            r["rss_above_baseline_mb"] = r["peak_rss_mb"] - r["import_baseline_rss_mb"]
+        if "error" not in r:
+            r.update(evaluate_policy(out, sft, rm, eval_prompts))
+        results[name] = r
+        print(f"[bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'log_tail'})}", flush=True)
+    results["sft"] = evaluate_policy(sft, sft, rm, eval_prompts)
+
+    ours = results.get("ours", {})
+    for name in ("trl_ppo", "rloo"):
+        r = results.get(name, {})
+        if "error" not in r and "error" not in ours and r and ours:
+            r["ours_speedup"] = ours["episodes_per_s"] / r["episodes_per_s"]
+            r["ours_rss_ratio"] = ours["peak_rss_mb"] / r["peak_rss_mb"]
+            r["ours_rss_above_baseline_ratio"] = ours["rss_above_baseline_mb"] / r["rss_above_baseline_mb"]
+    report = {"size": args.size, "steps": args.steps, "lr": lr, "settings": S, "sft": str(sft), "reward": str(rm),
+              "host": os.uname().nodename, "cpus": os.cpu_count(), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append({"trainer": name, "error": r["error"]})
+            continue
+        rows.append({"trainer": name, "episodes/s": r.get("episodes_per_s"), "peak RSS MB": r.get("peak_rss_mb"),
+                     "RSS above imports MB": r.get("rss_above_baseline_mb"),
+                     "gold": r["gold"], "RM score": r["rm_score"], "KL": r["kl"], "EOS rate": r["eos_rate"],
+                     "ours speed-up": r.get("ours_speedup"), "ours/peer RSS": r.get("ours_rss_ratio")})
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

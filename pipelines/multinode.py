@@ -1,0 +1,381 @@
+"""Multi-node training from a pipeline step: build a Kubeflow Trainer job, launch it, wait for it.
+
+With ``num_nodes > 1`` the pipeline's sft / reward / ppo steps are thin CPU launchers
+(``components.stages.*_multinode``) that call :func:`run_stage_job`:
+
+1. the step's inputs (downloaded by KFP into the launcher pod) and the fully resolved stage config
+   are copied to ``<scratch>/<kfp run id>/<stage>/`` in object storage (the DVC bucket by default);
+2. a ``TrainJob`` (Kubeflow Trainer v2, runtime ``rlhf-torch`` from
+   ``k8s/components/trainer-runtime``) or a ``PyTorchJob`` (Training Operator v1) is created in the
+   training namespace: N nodes x G GPUs, the step's resources, node selector, tolerations and
+   environment (ConfigMap/Secret *references*, never values); every node runs
+   ``python -m rlhf.steps job`` which stages the inputs and runs
+   ``torchrun <rendezvous> -m rlhf.cli <stage> ...``; node 0 uploads the output;
+3. the launcher polls the job, printing condition and pod phase changes (the KFP step log), and
+   fails the step when the job fails (with the failed pods' last log lines) or times out;
+4. the job's output becomes the step's output artifact (so downstream steps do not change).
+
+The spec builders are pure functions (tested against the CRDs' structure and the templates in
+``k8s/jobs/``); the Kubernetes API is only touched by :func:`launch_and_wait`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("rlhf")
+
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
+PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+KINDS = {"TrainJob": TRAINJOB, "PyTorchJob": PYTORCHJOB}
+RUNTIME = "rlhf-torch"
+SERVICE_ACCOUNT = "rlhf-pipeline"
+CONFIG_MAP = "rlhf-config"
+STORAGE_SECRET = "rlhf-storage"
+CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "DVC_REMOTE_URL",
+                   "DVC_REMOTE_ENDPOINT_URL")
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+#: the launcher's own environment that the job's pods inherit (lineage and tracking settings)
+FORWARDED_ENV = ("KFP_RUN_ID", "RLHF_PARENT_RUN_ID", "RLHF_PIPELINE_RUN_ID", "RLHF_DATA_HASH", "RLHF_GIT_COMMIT", "RLHF_TRACKING",
+                 "MLFLOW_EXPERIMENT_NAME", "RLHF_LOG_LEVEL")
+POD_LABELS = {"app.kubernetes.io/part-of": "rlhf", "rlhf.io/pipeline-pod": "true"}
+TRAINJOB_RENDEZVOUS = ["--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)",
+                       "--node-rank=$(PET_NODE_RANK)", "--master-addr=$(PET_MASTER_ADDR)",
+                       "--master-port=$(PET_MASTER_PORT)"]
+
+
+class JobFailed(RuntimeError):
+    """The training job failed, was deleted, or did not finish in time."""
+
+
+def job_name(stage: str, run_id: str = "") -> str:
+    """A unique RFC 1035 label: ``rlhf-<stage>-<run id prefix>-<random>`` (at most 63 characters)."""
+    rid = re.sub(r"[^a-z0-9]", "", (run_id or "").lower())[:12]
+    name = "-".join(p for p in ("rlhf", stage, rid, secrets.token_hex(3)) if p)
+    return name[:63].rstrip("-")
+
+
+def env_list(extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Pod env: ConfigMap and Secret keys as references, then forwarded/extra literal values."""
+    env: list[dict[str, Any]] = [
+        {"name": k, "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": k, "optional": True}}}
+        for k in CONFIG_MAP_KEYS]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": STORAGE_SECRET, "key": k}}} for k in SECRET_KEYS]
+    literal = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    literal.update(extra or {})
+    env += [{"name": k, "value": str(v)} for k, v in literal.items()]
+    return env
+
+
+def _resources(gpus: int, accelerator_type: str, cpu: str, memory: str) -> dict[str, dict[str, str]]:
+    req = {"cpu": str(cpu), "memory": str(memory)}
+    lim = {"memory": str(memory)}
+    if gpus > 0:
+        req[accelerator_type] = lim[accelerator_type] = str(gpus)
+    return {"requests": req, "limits": lim}
+
+
+def _check(num_nodes: int, gpus_per_node: int) -> None:
+    if num_nodes < 2:
+        raise ValueError(f"a multi-node job needs num_nodes >= 2, got {num_nodes}")
+    if gpus_per_node < 0:
+        raise ValueError(f"gpus_per_node must be >= 0, got {gpus_per_node}")
+
+
+def build_trainjob(*, name: str, namespace: str, stage: str, image: str, num_nodes: int, gpus_per_node: int,
+                   scratch_url: str, cpu: str = "4", memory: str = "32Gi",
+                   accelerator_type: str = "nvidia.com/gpu", node_selector: dict[str, str] | None = None,
+                   tolerations: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
+                   runtime: str = RUNTIME, service_account: str = SERVICE_ACCOUNT) -> dict[str, Any]:
+    """A ``trainer.kubeflow.org/v1alpha1`` TrainJob running ``stage`` on ``num_nodes`` nodes.
+
+    The runtime supplies the pod template (non-root, /dev/shm, /tmp); the job sets the image, the
+    command, nodes x processes, resources, env, and overrides node selector, tolerations and
+    service account of the ``node`` replicated job.
+    """
+    from rlhf import steps
+
+    _check(num_nodes, gpus_per_node)
+    cmd = steps.job_command(stage, scratch_url, TRAINJOB_RENDEZVOUS)
+    labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
+    override: dict[str, Any] = {"targetJobs": [{"name": "node"}], "serviceAccountName": service_account}
+    if node_selector:
+        override["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        override["tolerations"] = [dict(t) for t in tolerations]
+    return {
+        "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "runtimeRef": {"name": runtime, "apiGroup": TRAINJOB[0], "kind": "TrainingRuntime"},
+            "labels": dict(POD_LABELS),
+            "trainer": {
+                "image": image,
+                "command": cmd[:3],
+                "args": cmd[3:],
+                "env": env_list({"RLHF_NUM_NODES": str(num_nodes), **(env or {})}),
+                "numNodes": int(num_nodes),
+                "numProcPerNode": int(gpus_per_node) if gpus_per_node > 0 else "auto",
+                "resourcesPerNode": _resources(gpus_per_node, accelerator_type, cpu, memory),
+            },
+            "podSpecOverrides": [override],
+        },
+    }
+
+
+def build_pytorchjob(*, name: str, namespace: str, stage: str, image: str, num_nodes: int, gpus_per_node: int,
+                     scratch_url: str, cpu: str = "4", memory: str = "32Gi",
+                     accelerator_type: str = "nvidia.com/gpu", node_selector: dict[str, str] | None = None,
+                     tolerations: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
+                     service_account: str = SERVICE_ACCOUNT, shm_size: str = "16Gi",
+                     active_deadline_s: int | None = None) -> dict[str, Any]:
+    """A ``kubeflow.org/v1`` PyTorchJob: 1 Master + (num_nodes - 1) Workers, one pod per node."""
+    from rlhf import steps
+
+    _check(num_nodes, gpus_per_node)
+    nproc = max(gpus_per_node, 1)
+    rendezvous = [f"--nnodes={num_nodes}", f"--nproc-per-node={nproc}", "--node-rank=$(RANK)",
+                  "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
+    cmd = steps.job_command(stage, scratch_url, rendezvous)
+    labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
+    pod_env = env_list({"RLHF_NUM_NODES": str(num_nodes), "RLHF_NPROC_PER_NODE": str(nproc),
+                        "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "HF_HOME": "/tmp/.cache/huggingface",
+                        "RLHF_CACHE": "/tmp/rlhf-cache", **(env or {})})
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "pytorch",  # the training operator looks for this container name
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": cmd[:3],
+            "args": cmd[3:],
+            "env": pod_env,
+            "ports": [{"name": "pytorchjob-port", "containerPort": 23456}],
+            "resources": _resources(gpus_per_node, accelerator_type, cpu, memory),
+            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+                    {"name": "tmp", "emptyDir": {}}],
+    }
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [dict(t) for t in tolerations]
+
+    def replica(n: int) -> dict[str, Any]:
+        return {"replicas": n, "restartPolicy": "Never",
+                "template": {"metadata": {"labels": dict(labels)}, "spec": json.loads(json.dumps(pod))}}
+
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": 0, "ttlSecondsAfterFinished": 86400}
+    if active_deadline_s:
+        run_policy["activeDeadlineSeconds"] = int(active_deadline_s)
+    return {
+        "apiVersion": f"{PYTORCHJOB[0]}/{PYTORCHJOB[1]}",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"runPolicy": run_policy,
+                 "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(num_nodes - 1)}},
+    }
+
+
+def build_job(kind: str, **kw) -> dict[str, Any]:
+    if kind == "TrainJob":
+        kw.pop("active_deadline_s", None)
+        kw.pop("shm_size", None)
+        return build_trainjob(**kw)
+    if kind == "PyTorchJob":
+        return build_pytorchjob(**kw)
+    raise ValueError(f"job_kind must be TrainJob or PyTorchJob, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def job_state(obj: dict[str, Any]) -> tuple[str, str]:
+    """("Succeeded" | "Failed" | "Running", message) of a TrainJob or PyTorchJob object."""
+    kind = obj.get("kind", "TrainJob")
+    done, failed = ("Complete", "Failed") if kind == "TrainJob" else ("Succeeded", "Failed")
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("status") != "True":
+            continue
+        msg = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+        if c.get("type") == failed:
+            return "Failed", msg
+        if c.get("type") == done:
+            return "Succeeded", msg
+    return "Running", ""
+
+
+def pod_selector(obj: dict[str, Any]) -> str:
+    name = obj["metadata"]["name"]
+    if obj.get("kind") == "PyTorchJob":
+        return f"training.kubeflow.org/job-name={name}"
+    return f"jobset.sigs.k8s.io/jobset-name={name}"
+
+
+class KubeApi:
+    """The few Kubernetes calls the launcher makes (replaced by a fake in tests)."""
+
+    def __init__(self):
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.custom = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+
+    def create(self, obj: dict[str, Any]) -> None:
+        g, v, plural, _ = KINDS[obj["kind"]]
+        self.custom.create_namespaced_custom_object(g, v, obj["metadata"]["namespace"], plural, obj)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        g, v, plural, _ = KINDS[kind]
+        return self.custom.get_namespaced_custom_object(g, v, namespace, plural, name)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        g, v, plural, _ = KINDS[kind]
+        self.custom.delete_namespaced_custom_object(g, v, namespace, plural, name,
+                                                    propagation_policy="Background")
+
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        items = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        return [{"name": p.metadata.name, "phase": p.status.phase,
+                 "reason": (p.status.reason or "")} for p in items]
+
+    def logs(self, namespace: str, pod: str, tail: int = 40) -> str:
+        return self.core.read_namespaced_pod_log(pod, namespace, tail_lines=tail)
+
+
+def launch_and_wait(obj: dict[str, Any], api: Any = None, *, poll_s: float = 15.0, timeout_s: float = 86400,
+                    echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Create the job, stream its status until it ends; raise :class:`JobFailed` unless it succeeded."""
+    api = api or KubeApi()
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    api.create(obj)
+    echo(f"[{name}] created {kind} in namespace {ns}: {obj_summary(obj)}")
+    seen_conditions: set[tuple] = set()
+    phases: dict[str, str] = {}
+    deadline = clock() + timeout_s
+    while True:
+        try:
+            cur = api.get(kind, ns, name)
+        except Exception as e:  # noqa: BLE001 - a deleted job or an API error ends the wait, clearly
+            if getattr(e, "status", None) == 404:
+                raise JobFailed(f"{kind} {ns}/{name} disappeared (deleted?)") from None
+            raise
+        for c in (cur.get("status") or {}).get("conditions") or []:
+            key = (c.get("type"), c.get("status"), c.get("reason"))
+            if key not in seen_conditions:
+                seen_conditions.add(key)
+                echo(f"[{name}] {c.get('type')}={c.get('status')} {c.get('reason', '')} {c.get('message', '')}"
+                     .rstrip())
+        pods = api.pods(ns, pod_selector(cur))
+        for p in pods:
+            if phases.get(p["name"]) != p["phase"]:
+                phases[p["name"]] = p["phase"]
+                echo(f"[{name}] pod {p['name']}: {p['phase']} {p.get('reason', '')}".rstrip())
+        state, msg = job_state(cur)
+        if state == "Succeeded":
+            echo(f"[{name}] succeeded")
+            return cur
+        if state == "Failed":
+            for p in pods:
+                if p["phase"] == "Failed":
+                    try:
+                        echo(f"[{name}] last lines of {p['name']}:\n{api.logs(ns, p['name'])}")
+                    except Exception:  # noqa: BLE001 - logs are a courtesy
+                        pass
+            raise JobFailed(f"{kind} {ns}/{name} failed: {msg or 'no reason given'}")
+        if clock() > deadline:
+            api.delete(kind, ns, name)
+            raise JobFailed(f"{kind} {ns}/{name} did not finish within {timeout_s:.0f} s; deleted it")
+        sleep(poll_s)
+
+
+def obj_summary(obj: dict[str, Any]) -> str:
+    if obj["kind"] == "TrainJob":
+        t = obj["spec"]["trainer"]
+        return f"{t['numNodes']} nodes x {t['numProcPerNode']} processes, image {t['image']}"
+    r = obj["spec"]["pytorchReplicaSpecs"]
+    c = r["Master"]["template"]["spec"]["containers"][0]
+    return f"{1 + r['Worker']['replicas']} nodes, image {c['image']}"
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+def resolved_params(stage: str, params_path: Path, overrides: dict[str, dict[str, Any]] | None) -> dict:
+    """A params.yaml whose sections are the stage's final configs (profile and overrides applied)."""
+    from rlhf import steps
+
+    classes = steps.config_classes()
+    out: dict[str, Any] = {}
+    for section in steps.stage(stage).sections:
+        cls = classes[section]
+        out[section] = steps.load_config(cls, section, params_path, overrides).model_dump(mode="json")
+    return out
+
+
+def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any, params_yaml: str, profile: str,
+                  overrides: dict[str, dict[str, Any]] | None, run_id: str, num_nodes: int,
+                  accelerator_type: str, gpus_per_node: int, cpu: str, memory: str,
+                  node_selector: dict[str, str], tolerations: list[dict[str, Any]], image: str, namespace: str,
+                  kind: str, scratch_url: str, timeout_s: int, api: Any = None, poll_s: float = 15.0) -> dict:
+    """The body of a ``*_multinode`` component: stage data, run the job, take its output as ours."""
+    from rlhf import steps
+    from rlhf.errors import ConfigError
+
+    steps.setup_logging()
+    if run_id:
+        os.environ.setdefault("KFP_RUN_ID", run_id)
+    base = (scratch_url or (os.environ.get("DVC_REMOTE_URL", "").rstrip("/") + "/runs"
+                            if os.environ.get("DVC_REMOTE_URL") else "")).rstrip("/")
+    if not base:
+        raise ConfigError("no scratch location for the multi-node job",
+                          hint="set the pipeline parameter scratch_url or DVC_REMOTE_URL in rlhf-config")
+    scratch = f"{base}/{run_id or 'run'}/{stage}"
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-job-") as tmp:
+        params = steps.materialize_params(params_yaml, profile, tmp)
+        cfg_dir = Path(tmp) / "config"
+        cfg_dir.mkdir()
+        (cfg_dir / "params.yaml").write_text(yaml.safe_dump(resolved_params(stage, params, overrides),
+                                                            sort_keys=False))
+        steps.copy_tree(str(cfg_dir), f"{scratch}/config")
+        for k, art in inputs.items():
+            steps.copy_tree(getattr(art, "path", art), f"{scratch}/inputs/{k}")
+    with steps.parent_run(run_id):  # the job's stage run nests under the pipeline's MLflow run
+        obj = build_job(kind, name=job_name(stage, run_id), namespace=namespace or "rlhf", stage=stage,
+                        image=image, num_nodes=int(num_nodes), gpus_per_node=int(gpus_per_node),
+                        scratch_url=scratch, cpu=cpu, memory=memory, accelerator_type=accelerator_type,
+                        node_selector=node_selector, tolerations=tolerations, active_deadline_s=timeout_s)
+        launch_and_wait(obj, api, poll_s=poll_s, timeout_s=timeout_s)
+    out_path = getattr(out, "path", out)
+    steps.copy_tree(f"{scratch}/output", out_path)
+    manifest = json.loads((Path(out_path) / "manifest.json").read_text())
+    if metrics is not None:
+        for k, v in steps.numeric_metrics(manifest.get("metrics") or {}).items():
+            metrics.log_metric(k, v)
+    if hasattr(out, "metadata"):
+        out.metadata.update({"kind": manifest.get("kind"), "content_hash": manifest.get("content_hash"),
+                             "trainer_job": obj["metadata"]["name"], "num_nodes": int(num_nodes)})
+    return manifest

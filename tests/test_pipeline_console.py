@@ -1,0 +1,119 @@
+"""`rlhf run`'s pieces without running the pipeline: the console that reads the local runner, helpers."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from rlhf import pipeline_run as pr
+from rlhf.errors import ConfigError
+
+RUNNER_LINES = """\
+\x1b[0m01:00:00.000 - INFO - Executing task \x1b[96m'validate'\x1b[0m
+01:00:00.001 - INFO - Streamed logs:
+    [KFP Executor 2026-01-01 01:00:00,100 INFO]: Looking for component `validate`
+    [KFP Executor 2026-01-01 01:00:01,000 INFO]: [validate] done: {"checks": 82}
+    Traceback (most recent call last):
+    rlhf.errors.ValidationFailed: data validation failed: 1 of 82 expectations; first: sft/train: at least 50 train rows
+01:00:02.000 - ERROR - Task \x1b[96m'validate'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m
+Skipping task condition-branches-1: upstream task(s) ['validate'] failed.
+"""
+
+
+def test_console_turns_runner_output_into_stage_lines(tmp_path):
+    out = io.StringIO()
+    c = pr.Console(tmp_path, out=out)
+    c.write("01:00:00.000 - INFO - Executing task \x1b[96m'sft'\x1b[0m\n")
+    for n in range(1, 301):
+        c.write(f"    [KFP Executor 2026-01-01 01:00:01,000 INFO]: [sft] step {n}/300 loss=1.0\n")
+    c.write("    12:00:00 WARNING rlhf: something odd\n")
+    c.write("    [KFP Executor 2026-01-01 01:00:01,000 INFO]: [sft] checkpoint /x/step-10\n")
+    c.write("01:00:09.000 - INFO - Task \x1b[96m'sft'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    c.close_logs()
+    text = out.getvalue()
+    assert "sft       started" in text and "sft       finished in" in text
+    shown = [line for line in text.splitlines() if "[sft] step" in line]
+    assert 10 <= len(shown) <= 12 and "step 1/300" in shown[0] and "step 300/300" in shown[-1]
+    assert "WARNING: something odd" in text and "checkpoint" not in text
+    assert (tmp_path / "logs" / "sft.log").read_text().count("[sft] step") == 300
+
+
+def test_console_reports_the_steps_own_error(tmp_path):
+    out = io.StringIO()
+    c = pr.Console(tmp_path, out=out)
+    c.write(RUNNER_LINES)
+    c.close_logs()
+    failed = c.failed
+    assert failed.name == "validate" and failed.error_type == "ValidationFailed"
+    assert failed.error.startswith("data validation failed: 1 of 82")
+    assert "validate  FAILED" in out.getvalue() and "condition" not in out.getvalue()
+    assert "done:" not in out.getvalue()
+
+
+def test_gate_skip_is_shown_as_register_skipped(tmp_path):
+    out = io.StringIO()
+    c = pr.Console(tmp_path, out=out)
+    c.write("Skipping conditional task condition-3 (condition evaluated to False)\n")  # the multi-node branch
+    c.write("01:00:00.000 - INFO - Executing task 'evaluate'\n"
+            "01:00:01.000 - INFO - Task 'evaluate' finished with status SUCCESS\n"
+            "Skipping conditional task condition-4 (condition evaluated to False)\n")
+    c.close_logs()
+    lines = [line for line in out.getvalue().splitlines() if "skipped" in line]
+    assert len(lines) == 1 and "register  skipped (the evaluation gate failed)" in lines[0]
+
+
+def test_parameters_and_overrides_from_the_command_line():
+    assert pr.parse_assignments(["a=1", "b=x", "c={k: v}", "d=", "e=[1, 2]"]) == \
+        {"a": 1, "b": "x", "c": {"k": "v"}, "d": "", "e": [1, 2]}
+    assert pr.dotted_overrides(["sft.max_steps=5", "sft.lr=0.1", "ppo.kl_coef=0"]) == \
+        {"sft": {"max_steps": 5, "lr": 0.1}, "ppo": {"kl_coef": 0}}
+    with pytest.raises(ConfigError):
+        pr.parse_assignments(["novalue"])
+    with pytest.raises(ConfigError):
+        pr.dotted_overrides(["nodot=1"])
+    with pytest.raises(ConfigError, match="unknown pipeline parameter"):
+        pr.check_parameters({"sft_max_step": 1}, {"sft_max_steps": 0})
+
+
+def test_threads_follow_the_machine_load(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 6.0, 5.0))
+    n, note = pr.auto_threads()
+    assert n == 1 and "busy" in note
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert pr.auto_threads() == (None, "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert pr.auto_threads() == (None, ""), "the user's choice wins"
+
+
+def test_stage_names_of_kfp_tasks():
+    assert pr.stage_of("sft") == "sft" and pr.stage_of("sft-multinode") == "sft"
+    assert pr.stage_of("reward-multinode-2") == "reward" and pr.stage_of("evaluate-2") == "evaluate"
+
+
+def test_kfp_cron_and_pipeline_package(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(pr.project_root()))
+    from pipelines import client
+
+    assert client.kfp_cron("0 3 * * *") == "0 0 3 * * *"
+    assert client.kfp_cron("0 0 3 * * *") == "0 0 3 * * *"
+    with pytest.raises(client.KfpError):
+        client.kfp_cron("daily")
+    bad = tmp_path / "x.yaml"
+    bad.write_text("a: 1\n")
+    with pytest.raises(client.KfpError, match="not a compiled KFP pipeline"):
+        client.load_pipeline_package(bad)
+
+
+def test_overrides_name_known_sections_and_fields():
+    with pytest.raises(ConfigError, match="unknown section 'sfft'"):
+        pr.dotted_overrides(["sfft.max_steps=5"])
+    with pytest.raises(ConfigError, match="unknown field.*ppo.klcoef"):
+        pr.dotted_overrides(["ppo.klcoef=0.1"])
+    assert pr.dotted_overrides(["register.model_name=x"]) == {"register": {"model_name": "x"}}
