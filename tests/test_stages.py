@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from rlhf import generation, models
 from rlhf.config import EvaluateConfig, ModelConfig
 from rlhf.evaluate import evaluate, gate, text_stats
@@ -66,7 +66,6 @@ def test_sampling_stops_at_eos_and_masks_after(sft_model, tiny_cfg):
 
 
 def test_evaluate_reports_all_metrics_and_gate(dataset, sft_model, reward_model, tiny_cfg, tmp_path):
-    base = models.resolve_base(tiny_cfg, None) if False else None  # noqa: F841 (the SFT model is its own baseline)
     out = tmp_path / "eval"
     m = evaluate(dataset, sft_model, sft_model, reward_model, out,
                  EvaluateConfig(n_prompts=16, max_new_tokens=24, batch_size=16), tiny_cfg)
