@@ -567,9 +567,13 @@ def format_summary(r: RunResult) -> str:
     if "evaluate" in r.artifacts:
         lines.append(f"  report    {r.artifacts['evaluate'] / 'report.html'}")
     if r.registration:
-        reg = {k: v for k, v in r.registration.items() if k in ("model_name", "version", "aliases", "registered",
-                                                                 "reason", "champion")}
-        lines.append(f"  registry  {json.dumps(reg, default=str)}")
+        reg = r.registration
+        if reg.get("registered"):
+            aliases = ", ".join(reg.get("aliases") or []) or "no aliases"
+            lines.append(f"  registry  {reg.get('model_name')} v{reg.get('version')} ({aliases}): "
+                         f"{reg.get('decision', '')}".rstrip(": "))
+        else:
+            lines.append(f"  registry  not registered: {reg.get('reason', '')}")
     elif r.gate is not None and not r.gate.get("passed"):
         lines.append("  registry  not registered (the gate failed); champion unchanged")
     if r.mlflow_run_id:
