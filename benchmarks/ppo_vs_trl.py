@@ -43,7 +43,7 @@ TORCH_VERSION = "2.13.0"
 # the settings every trainer gets
 S = {"episodes_per_step": 32, "response_length": 16, "temperature": 0.7, "ppo_epochs": 4, "minibatches": 1,
      "kl_coef": 0.05, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
-     "missing_eos_penalty": 1.0, "adam_eps": 1e-5, "max_grad_norm": 1.0, "seed": 0}
+     "missing_eos_penalty": 1.0, "adam_eps": 1e-5, "max_grad_norm": 1.0}
 
 
 # ----------------------------------------------------------------------------- workers (one process each)
@@ -60,7 +60,7 @@ def worker_ours(cfg: dict) -> dict:
                    max_grad_norm=S["max_grad_norm"], clip_eps=S["cliprange"], vf_clip_eps=S["cliprange_value"],
                    vf_coef=S["vf_coef"], gamma=S["gamma"], lam=S["lam"], kl_coef=S["kl_coef"], kl_estimator="k1",
                    normalize_reward=False, missing_eos_penalty=S["missing_eos_penalty"], checkpoint_every=0,
-                   max_prompt_len=128, seed=S["seed"], log_every=5)
+                   max_prompt_len=128, seed=cfg["seed"], log_every=5)
     m = train_ppo(cfg["dataset"], cfg["sft"], cfg["reward"], cfg["out"], pc, mc)
     return {"train_seconds": m["seconds"], "episodes": m["episodes"]}
 
@@ -76,7 +76,7 @@ def worker_trl_ppo(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    torch.manual_seed(S["seed"])
+    torch.manual_seed(cfg["seed"])
     tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
     assert tok.pad_token_id != tok.eos_token_id
     ids = [tok(t, add_special_tokens=False).input_ids[-128:] for t in _chat_prompts(tok, cfg["prompts"])]
@@ -100,7 +100,7 @@ def worker_trl_ppo(cfg: dict) -> dict:
         cliprange=S["cliprange"], cliprange_value=S["cliprange_value"], vf_coef=S["vf_coef"], gamma=S["gamma"],
         lam=S["lam"], missing_eos_penalty=S["missing_eos_penalty"], stop_token="eos",
         local_rollout_forward_batch_size=S["episodes_per_step"], num_sample_generations=0, report_to=[],
-        logging_steps=5, save_strategy="no", seed=S["seed"], use_cpu=True, bf16=False, fp16=False,
+        logging_steps=5, save_strategy="no", seed=cfg["seed"], use_cpu=True, bf16=False, fp16=False,
         disable_tqdm=True, dataloader_num_workers=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          train_dataset=train, value_model=value, peft_config=peft_config)
@@ -125,7 +125,7 @@ def worker_rloo(cfg: dict) -> dict:
     from rlhf.config import ModelConfig
     from rlhf.reward import score_texts
 
-    torch.manual_seed(S["seed"])
+    torch.manual_seed(cfg["seed"])
     tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
     rendered = _chat_prompts(tok, cfg["prompts"])
     raw_of = dict(zip(rendered, cfg["prompts"]))
@@ -148,7 +148,7 @@ def worker_rloo(cfg: dict) -> dict:
         max_completion_length=S["response_length"], temperature=S["temperature"], top_k=0, top_p=1.0,
         beta=S["kl_coef"], num_iterations=S["ppo_epochs"], epsilon=S["cliprange"], learning_rate=cfg["lr"],
         lr_scheduler_type="constant", adam_epsilon=S["adam_eps"], max_grad_norm=S["max_grad_norm"],
-        max_steps=rounds * S["ppo_epochs"], logging_steps=5, report_to=[], save_strategy="no", seed=S["seed"],
+        max_steps=rounds * S["ppo_epochs"], logging_steps=5, report_to=[], save_strategy="no", seed=cfg["seed"],
         use_cpu=True, bf16=False, disable_dropout=True, disable_tqdm=True, dataloader_num_workers=0)
     trainer = RLOOTrainer(model=policy, reward_funcs=[reward], args=args,
                           train_dataset=Dataset.from_dict({"prompt": rendered}), processing_class=tok,
@@ -185,28 +185,39 @@ def trl_venv(path: Path) -> Path:
     return py
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM) in MB.
+
+    Not ``getrusage().ru_maxrss``: on Linux a process started by fork + exec inherits its parent's
+    high-water mark in ``ru_maxrss``, so a worker started by this (large) driver would report the
+    driver's memory. VmHWM belongs to the process's own address space.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
 def run_worker(python: str, name: str, cfg: dict, log_path: Path) -> dict:
-    """Run one trainer in a fresh process; its result plus peak RSS (ru_maxrss of that process)."""
+    """Run one trainer in a fresh process; its result, with the process's own peak RSS."""
     cfg_path = log_path.with_suffix(".json")
     cfg_path.write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") if name != "trl_ppo" else ""}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", name, "--config", str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = log_path.read_text()[-3000:]
-        return {"error": f"exit {os.waitstatus_to_exitcode(status)}", "log_tail": tail}
+        code = proc.wait()
+    if code != 0:
+        return {"error": f"exit {code}", "log_tail": log_path.read_text()[-3000:]}
     result = json.loads(Path(cfg["result"]).read_text())
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
     result["episodes_per_s"] = result["episodes"] / result["train_seconds"]
     return result
 
 
 def import_baseline_rss(python: str) -> float:
     """Peak RSS (MB) of a process that only imports torch + transformers with ``python``: the floor under each row."""
-    code = ("import resource, torch, transformers; from transformers import AutoModelForCausalLM; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = ("import torch, transformers; from transformers import AutoModelForCausalLM; "
+            "print([int(x.split()[1]) / 1024 for x in open('/proc/self/status') if x.startswith('VmHWM:')][0])")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -279,13 +290,14 @@ def main() -> None:
     ap.add_argument("--trl-venv", default=str(Path.home() / ".cache" / "rlhf" / f"venv-trl-{TRL_PPO_VERSION}"))
     ap.add_argument("--only", nargs="*", choices=sorted(WORKERS), help="run only these trainers")
     ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per trainer and seed")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"))
     args = ap.parse_args()
 
     if args.worker:  # inside a worker process
         cfg = json.loads(Path(args.config).read_text())
         result = WORKERS[args.worker](cfg)
-        result["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         Path(cfg["result"]).write_text(json.dumps(result))
         return
 
@@ -301,49 +313,69 @@ def main() -> None:
     train_prompts = load_split(ds, "prompts", "train")["prompt"].tolist()
     eval_prompts = load_split(ds, "prompts", "eval")["prompt"].tolist()[: args.eval_prompts]
     pythons = {"ours": sys.executable, "rloo": sys.executable}
-    results: dict[str, dict] = {}
-    for name in args.only or ["ours", "trl_ppo", "rloo"]:
-        if name == "trl_ppo":
-            try:
-                pythons[name] = str(trl_venv(Path(args.trl_venv)))
-            except (subprocess.CalledProcessError, OSError) as e:
-                results[name] = {"error": f"could not create the trl=={TRL_PPO_VERSION} virtualenv: {e}"}
+    names = args.only or ["ours", "trl_ppo", "rloo"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    errors: dict[str, dict] = {}
+    if "trl_ppo" in names:
+        try:
+            pythons["trl_ppo"] = str(trl_venv(Path(args.trl_venv)))
+        except (subprocess.CalledProcessError, OSError) as e:
+            errors["trl_ppo"] = {"error": f"could not create the trl=={TRL_PPO_VERSION} virtualenv: {e}"}
+    baselines = {n: import_baseline_rss(pythons[n]) for n in names if n not in errors}
+    for seed in args.seeds:  # seeds in the outer loop: a change of machine load hits every trainer alike
+        for name in names:
+            if name in errors:
                 continue
-        out = work / name
-        cfg = {"dataset": str(ds), "sft": str(sft), "reward": str(rm), "out": str(out), "steps": args.steps,
-               "lr": lr, "lora": lora, "prompts": train_prompts, "result": str(work / f"{name}.result.json")}
-        print(f"[bench] {name}: {args.steps} steps x {S['episodes_per_step']} episodes ...", flush=True)
-        r = run_worker(pythons[name], name, cfg, work / f"{name}.log")
-        if "error" not in r:
-            r["import_baseline_rss_mb"] = import_baseline_rss(pythons[name])
-            r["rss_above_baseline_mb"] = r["peak_rss_mb"] - r["import_baseline_rss_mb"]
-        if "error" not in r:
+            out = work / f"{name}-seed{seed}"
+            cfg = {"dataset": str(ds), "sft": str(sft), "reward": str(rm), "out": str(out), "steps": args.steps,
+                   "lr": lr, "lora": lora, "seed": seed, "prompts": train_prompts,
+                   "result": str(work / f"{name}-seed{seed}.result.json")}
+            print(f"[bench] {name} seed {seed}: {args.steps} steps x {S['episodes_per_step']} episodes ...",
+                  flush=True)
+            r = run_worker(pythons[name], name, cfg, work / f"{name}-seed{seed}.log")
+            if "error" in r:
+                errors[name] = r
+                continue
+            r["seed"] = seed
+            r["rss_above_imports_mb"] = r["peak_rss_mb"] - baselines[name]
             r.update(evaluate_policy(out, sft, rm, eval_prompts))
-        results[name] = r
-        print(f"[bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'log_tail'})}", flush=True)
-    results["sft"] = evaluate_policy(sft, sft, rm, eval_prompts)
+            runs[name].append(r)
+            print(f"[bench] {name} seed {seed}: {json.dumps(r)}", flush=True)
+    sft_eval = evaluate_policy(sft, sft, rm, eval_prompts)
 
-    ours = results.get("ours", {})
-    for name in ("trl_ppo", "rloo"):
-        r = results.get(name, {})
-        if "error" not in r and "error" not in ours and r and ours:
-            r["ours_speedup"] = ours["episodes_per_s"] / r["episodes_per_s"]
-            r["ours_rss_ratio"] = ours["peak_rss_mb"] / r["peak_rss_mb"]
-            r["ours_rss_above_baseline_ratio"] = ours["rss_above_baseline_mb"] / r["rss_above_baseline_mb"]
-    report = {"size": args.size, "steps": args.steps, "lr": lr, "settings": S, "sft": str(sft), "reward": str(rm),
-              "host": os.uname().nodename, "cpus": os.cpu_count(), "results": results}
+    def agg(rs: list[dict], key: str) -> tuple[float, float]:
+        xs = [r[key] for r in rs]
+        m = sum(xs) / len(xs)
+        return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+    keys = ("episodes_per_s", "peak_rss_mb", "rss_above_imports_mb", "gold", "rm_score", "kl", "eos_rate")
+    summary = {n: {k: agg(rs, k) for k in keys} for n, rs in runs.items() if rs}
+    if "ours" in summary:
+        for n in summary:
+            if n != "ours":
+                summary[n]["ours_speedup"] = summary["ours"]["episodes_per_s"][0] / summary[n]["episodes_per_s"][0]
+                summary[n]["ours_rss_ratio"] = summary["ours"]["peak_rss_mb"][0] / summary[n]["peak_rss_mb"][0]
+    report = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "lr": lr, "settings": S,
+              "sft": str(sft), "reward": str(rm), "import_baseline_rss_mb": baselines,
+              "load_average_end": os.getloadavg(), "cpus": os.cpu_count(), "sft_eval": sft_eval,
+              "summary": summary, "runs": runs, "errors": errors}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    rows = []
-    for name, r in results.items():
-        if "error" in r:
-            rows.append({"trainer": name, "error": r["error"]})
-            continue
-        rows.append({"trainer": name, "episodes/s": r.get("episodes_per_s"), "peak RSS MB": r.get("peak_rss_mb"),
-                     "RSS above imports MB": r.get("rss_above_baseline_mb"),
-                     "gold": r["gold"], "RM score": r["rm_score"], "KL": r["kl"], "EOS rate": r["eos_rate"],
-                     "ours speed-up": r.get("ours_speedup"), "ours/peer RSS": r.get("ours_rss_ratio")})
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+    def pm(v: tuple[float, float], f: str = ".2f") -> str:
+        return f"{v[0]:{f}} ± {v[1]:{f}}" if len(args.seeds) > 1 else f"{v[0]:{f}}"
+
+    rows = [{"trainer": n, "episodes/s": pm(m["episodes_per_s"]), "peak RSS MB": pm(m["peak_rss_mb"], ".0f"),
+             "above imports MB": pm(m["rss_above_imports_mb"], ".0f"), "gold": pm(m["gold"]),
+             "RM score": pm(m["rm_score"]), "KL": pm(m["kl"]), "EOS rate": pm(m["eos_rate"]),
+             "ours speed-up": f"{m['ours_speedup']:.2f}x" if "ours_speedup" in m else "",
+             "ours/peer RSS": f"{m['ours_rss_ratio']:.2f}" if "ours_rss_ratio" in m else ""}
+            for n, m in summary.items()]
+    rows.append({"trainer": "sft (start)", "gold": f"{sft_eval['gold']:.2f}", "RM score": f"{sft_eval['rm_score']:.2f}",
+                 "KL": "0", "EOS rate": f"{sft_eval['eos_rate']:.2f}"})
+    print(pd.DataFrame(rows).fillna("").to_string(index=False))
+    for n, e in errors.items():
+        print(f"{n}: {e.get('error')}\n{e.get('log_tail', '')}")
     print(f"written {args.out}")
 
 
