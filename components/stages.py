@@ -115,11 +115,19 @@ def evaluate(dataset: Input[Dataset], policy: Input[Model], baseline: Input[Mode
 
 def register(policy: Input[Model], reward_model: Input[Model], evaluation: Input[Artifact], params_yaml: str,
              profile: str, run_id: str, overrides: dict, registered_model_name: str, data_hash: str,
-             data_revision: str, registration: Output[Artifact], metrics: Output[Metrics]):
-    """Register the policy and reward model in MLflow; champion moves per the gate (idempotent on retry)."""
+             data_revision: str, registration: Output[Artifact], metrics: Output[Metrics], model_name: str = "",
+             lora: str = "", sft_max_steps: int = 0, reward_max_steps: int = 0, ppo_total_steps: int = 0,
+             ppo_kl_coef: float = -1.0):
+    """Register the policy and reward model in MLflow; champion moves per the gate (idempotent on retry).
+
+    Gets every knob of the run, so that the version records the configuration that was trained.
+    """
     from rlhf import steps
 
-    knobs = steps.knob_overrides("register", registered_model_name=registered_model_name, overrides=overrides)
+    knobs = steps.pipeline_overrides(overrides, {
+        "model_name": model_name, "lora": lora, "sft_max_steps": sft_max_steps, "reward_max_steps": reward_max_steps,
+        "ppo_total_steps": ppo_total_steps, "ppo_kl_coef": ppo_kl_coef,
+        "registered_model_name": registered_model_name})
     steps.run_component("register", inputs={"policy": policy, "reward_model": reward_model,
                                             "evaluation": evaluation},
                         out=registration, metrics=metrics, params_yaml=params_yaml, profile=profile, overrides=knobs,

@@ -216,7 +216,9 @@ def make_pipeline(image: str | None = None, gpu_image: str | None = None, *, par
         with dsl.If(ev.outputs["Output"] == "passed", name="gate-passed"):
             reg = c.register(policy=policy, reward_model=reward_model, evaluation=ev.outputs["evaluation"],
                              registered_model_name=registered_model_name, data_hash=data_hash,
-                             data_revision=data_revision, **base)
+                             data_revision=data_revision, sft_max_steps=sft_max_steps,
+                             reward_max_steps=reward_max_steps, ppo_total_steps=ppo_total_steps,
+                             ppo_kl_coef=ppo_kl_coef, **model, **base)
             _common(reg, "register", retries=retries)
 
     return rlhf_pipeline

@@ -19,8 +19,10 @@ KFP ``register`` component and the ``register`` DVC stage call it):
    creating a second one.
 5. Lineage on every version (tags): data hash (DVC), dataset hash, git commit,
    pipeline run id, parent / training / evaluation / register run ids, training
-   params (redacted JSON) and their hash, evaluation metrics (``metric.*``),
-   gate decision, the reward model version. The register run holds the params,
+   params (redacted JSON) and their hash, the hash of the whole resolved
+   pipeline configuration (``pipeline_config_hash``, per section in
+   ``pipeline_config_sections``; what ``rlhf retrain`` compares), evaluation
+   metrics (``metric.*``), gate decision, the reward model version. The register run holds the params,
    the metrics and the manifests (``lineage/``).
 6. Aliases: every new version gets ``challenger``. ``champion`` moves only when
    the gate passed *and*, if there is a champion, the evaluation compared
@@ -60,6 +62,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 LOG_TAG = "champion_log"
+CONFIG_HASH_TAG = "pipeline_config_hash"
+CONFIG_SECTIONS_TAG = "pipeline_config_sections"
 TAG_MAX = 5000
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/ ]{0,250}$")
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
@@ -452,13 +456,16 @@ def _register_reward(client, reward_dir, inp, lineage, cfg: RegisterConfig) -> t
 
 
 def register(policy_dir: str | Path, reward_dir: str | Path | None, eval_dir: str | Path,
-             cfg: RegisterConfig | None = None, *, pipeline_run_id: str | None = None) -> dict[str, Any]:
+             cfg: RegisterConfig | None = None, *, pipeline_run_id: str | None = None,
+             config_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the evaluated policy (and its reward model); move ``champion`` only if the gate allows it.
 
     Returns ``{"model_name", "version", "created", "promoted", "decision", "champion",
     "previous_champion", "aliases", "model_uri", "reward_model": {...}, "run_id", ...}``.
     Idempotent per pipeline run (``pipeline_run_id``, else ``$RLHF_PIPELINE_RUN_ID`` / ``$KFP_RUN_ID``)
-    and per policy content.
+    and per policy content. ``config_fingerprint``: :func:`rlhf.steps.config_fingerprint` of the run's
+    configuration, recorded as the tags ``pipeline_config_hash`` and ``pipeline_config_sections``
+    (what ``rlhf retrain`` compares); without it the version has no such tags.
     """
     import mlflow
 
@@ -471,6 +478,11 @@ def register(policy_dir: str | Path, reward_dir: str | Path | None, eval_dir: st
     with_reward = cfg.register_reward_model and reward_dir is not None
     inp = _load_inputs(policy_dir, reward_dir if with_reward else None, eval_dir)
     lineage = _lineage(inp, pipeline_run_id)
+    config_tags: dict[str, str] = {}
+    if config_fingerprint:
+        lineage[CONFIG_HASH_TAG] = config_fingerprint["hash"]
+        config_tags[CONFIG_SECTIONS_TAG] = json.dumps(config_fingerprint["sections"], sort_keys=True,
+                                                      separators=(",", ":"))
     metrics = inp["metrics"]
     client = _connect()
     name = cfg.model_name
@@ -502,7 +514,7 @@ def register(policy_dir: str | Path, reward_dir: str | Path | None, eval_dir: st
                      "pipeline run" if pipeline_run_id and mv.tags.get("pipeline_run_id") == pipeline_run_id
                      else "policy")
         else:
-            tags = {**lineage, "register_run_id": tracker.run_id,
+            tags = {**lineage, **config_tags, "register_run_id": tracker.run_id,
                     "reward_model_version": reward_info.get("version"),
                     **{f"metric.{k}": f"{v:.6g}" for k, v in _finite_metrics(metrics).items()}}
             mv = _log_and_register("policy", Path(policy_dir), name, tags, lineage, metrics, cfg)
@@ -565,6 +577,12 @@ def _is_complete(d: Path, expected_hash: str | None) -> bool:
     except (OSError, ValueError):
         return False
     return (d / "config.json").is_file() and manifest.get("content_hash") == expected_hash
+
+
+def champion_version(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION):
+    """The MLflow ModelVersion (with its lineage tags) that ``alias`` points at, or None."""
+    cfg = cfg or RegisterConfig()
+    return _get_alias(_connect(), _check_name(cfg.model_name), alias)
 
 
 def champion_dir(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION) -> Path | None:
@@ -778,5 +796,5 @@ def generate(prompt: str, cfg: RegisterConfig | None = None, *, alias: str = CHA
     return rollout.texts[0]
 
 
-__all__ = ["register", "champion_dir", "promotion_decision", "list_versions", "format_versions", "promote",
-           "rollback", "generate", "load_components", "CHAMPION", "CHALLENGER"]
+__all__ = ["register", "champion_dir", "champion_version", "promotion_decision", "list_versions", "format_versions",
+           "promote", "rollback", "generate", "load_components", "CHAMPION", "CHALLENGER"]

@@ -165,6 +165,68 @@ def knob_overrides(stage_name: str, *, model_name: str = "", lora: str = "", max
     return out
 
 
+#: pipeline parameters that change a stage config (see :func:`knob_overrides`)
+KNOBS = ("model_name", "lora", "sft_max_steps", "reward_max_steps", "ppo_total_steps", "ppo_kl_coef",
+         "registered_model_name")
+
+
+def pipeline_overrides(overrides: dict | None = None, knobs: dict[str, Any] | None = None
+                       ) -> dict[str, dict[str, Any]]:
+    """``overrides`` plus every knob among the pipeline ``knobs`` (other parameters are ignored).
+
+    What the run's stages see, all sections at once: each stage component applies the same knobs
+    to its own section through :func:`knob_overrides`.
+    """
+    k = {name: v for name, v in (knobs or {}).items() if name in KNOBS and v is not None}
+    out = {s: dict(v) for s, v in check_overrides(overrides).items()}
+    per_stage = {"sft": {"max_steps": int(k.get("sft_max_steps") or 0)},
+                 "reward": {"max_steps": int(k.get("reward_max_steps") or 0)},
+                 "ppo": {"total_steps": int(k.get("ppo_total_steps") or 0),
+                         "kl_coef": float(k.get("ppo_kl_coef", -1.0))},
+                 "register": {"registered_model_name": str(k.get("registered_model_name") or "")}}
+    lora = k.get("lora", "")
+    lora = str(lora).lower() if lora != "" else ""  # -p lora=false arrives as the bool False
+    for stage_name, kw in per_stage.items():
+        found = knob_overrides(stage_name, model_name=str(k.get("model_name") or ""), lora=lora, **kw)
+        for section, fields in found.items():
+            out.setdefault(section, {}).update(fields)
+    return out
+
+
+#: config sections in the pipeline's fingerprint: everything that shapes the trained and gated
+#: model. ``register`` is left out: names, promotion rules and ``rlhf models generate`` defaults.
+FINGERPRINT_SECTIONS = ("prepare", "validate", "model", "sft", "reward", "ppo", "evaluate")
+
+
+def pipeline_config(params: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict]:
+    """Every stage config of a run, resolved (defaults < params.yaml < profile < overrides), secrets redacted.
+
+    The active profile is the one :func:`rlhf.config.load_stage` sees (``$RLHF_PROFILE``, else the
+    file's ``profile:``), as in a pipeline step after :func:`materialize_params`.
+    """
+    from rlhf import tracking
+
+    classes = config_classes()
+    return {s: tracking.config_params(load_config(classes[s], s, Path(params), overrides))
+            for s in FINGERPRINT_SECTIONS}
+
+
+def config_fingerprint(params: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``{"hash": <16 hex>, "sections": {section: <12 hex>}}`` of :func:`pipeline_config`.
+
+    The one function behind the ``pipeline_config_hash`` lineage tag of a registered model and the
+    params check of ``rlhf retrain``: same resolved configs, same hashes.
+    """
+    import hashlib
+
+    def digest(obj: Any) -> str:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    cfg = pipeline_config(params, overrides)
+    return {"hash": digest(cfg)[:16], "sections": {s: digest(v)[:12] for s, v in cfg.items()}}
+
+
 def load_config(cls, section: str, params: Path, overrides: dict[str, dict[str, Any]] | None):
     from rlhf.config import load_stage
 
@@ -234,7 +296,8 @@ def register(inputs: dict[str, Any], out: str | Path, params: str | Path,
     """Register the evaluated policy (and reward model) in MLflow through :func:`rlhf.registry.register`.
 
     Writes the receipt to ``out/registration.json``. With tracking off there is no registry: the
-    receipt says so and nothing else happens.
+    receipt says so and nothing else happens. ``overrides``: those of the whole run (every section,
+    :func:`pipeline_overrides`), so the version's ``pipeline_config_hash`` is that of what was trained.
     """
     from rlhf import tracking
 
@@ -246,8 +309,9 @@ def register(inputs: dict[str, Any], out: str | Path, params: str | Path,
         from rlhf import registry
 
         pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or run_id or None
-        doc = {"registered": True, **registry.register(inputs["policy"], inputs["reward_model"], inputs["evaluation"],
-                                                       cfg, pipeline_run_id=pipeline_run_id)}
+        doc = {"registered": True, **registry.register(
+            inputs["policy"], inputs["reward_model"], inputs["evaluation"], cfg, pipeline_run_id=pipeline_run_id,
+            config_fingerprint=config_fingerprint(params, overrides))}
     doc.update({"data_hash": data_hash, "data_revision": data_revision})
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "registration.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
