@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,3 +81,48 @@ def reward_model(dataset, sft_model, tiny_cfg, tmp_path_factory) -> Path:
     train_reward(dataset, sft_model, out, RewardConfig(max_steps=120, batch_size=16, lr=1e-3, eval_max_rows=128,
                                                        gold_pairs=200), tiny_cfg)
     return out
+
+
+def quick_params(dest: Path) -> Path:
+    """params.yaml with its tiny profile cut down to a few steps per stage and a gate that passes."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["profile"] = "tiny"
+    tiny = data.setdefault("profiles", {}).setdefault("tiny", {})
+    tiny.setdefault("sft", {}).update(max_steps=12, eval_max_rows=16)
+    tiny.setdefault("reward", {}).update(max_steps=12, eval_max_rows=32, gold_pairs=32)
+    tiny.setdefault("ppo", {}).update(total_steps=3, rollout_batch_size=8, ppo_epochs=1, max_new_tokens=12,
+                                      checkpoint_every=0)
+    tiny.setdefault("evaluate", {}).update(n_prompts=8, max_new_tokens=12, gate_margin=-100.0, kl_budget=1e6)
+    out = dest / "params.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def dvc_project(root: Path, raw: Path) -> Path:
+    """A DVC project (no git) at ``root`` whose top-level data.dvc tracks a copy of ``raw`` in data/raw."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(raw, root / "data" / "raw")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=root, check=True, capture_output=True)
+    # `dvc add data/raw` would write data/raw.dvc; the project's pointer is data.dvc at the top, as in the repo
+    (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
+    subprocess.run([*dvc, "commit", "-f", "-q", "data.dvc"], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_run(demo_raw, tmp_path_factory):
+    """One `rlhf run` of the quick tiny pipeline in a DVC project with MLflow on (SQLite in the project).
+
+    Its gate passes and it registers the first champion. Shared by test_pipeline_local (the run as
+    a user sees it) and test_retrain (`rlhf retrain` after it), so the suite runs the pipeline once.
+    """
+    root = dvc_project(tmp_path_factory.mktemp("local-run") / "project", demo_raw)
+    quick_params(root)
+    env = {"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "MLFLOW_EXPERIMENT_NAME": "local-run", "RLHF_CACHE": str(root / ".cache"), "RLHF_PROFILE": "",
+           "RLHF_DATA_HASH": "", "RLHF_PARENT_RUN_ID": "", "RLHF_PIPELINE_RUN_ID": "", "KFP_RUN_ID": "",
+           "OMP_NUM_THREADS": "1"}
+    args = ("-p", "ppo_total_steps=2")  # a knob: rlhf retrain must see it as part of the configuration
+    res = run_cli("run", "--params", "params.yaml", "--runs-dir", "runs", *args, cwd=root, env=env, timeout=900)
+    return SimpleNamespace(root=root, env=env, args=args, result=res)

@@ -165,9 +165,10 @@ def register_cmd(
     from rlhf.config import RegisterConfig, load_stage
     from rlhf.io import write_json
     from rlhf.registry import register
+    from rlhf.steps import config_fingerprint
 
     result = register(policy, reward_model, evaluation, load_stage(RegisterConfig, "register", params),
-                      pipeline_run_id=pipeline_run_id)
+                      pipeline_run_id=pipeline_run_id, config_fingerprint=config_fingerprint(params))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)
@@ -284,38 +285,17 @@ def run_cmd(
 
 
 def _kfp_call(fn, *args, **kwargs):
-    """Run a KFP client call; its errors become one-line user errors."""
     from rlhf import pipeline_run
 
-    pipeline_run.import_pipelines()
-    from pipelines.client import KfpError
-
-    try:
-        return fn(*args, **kwargs)
-    except KfpError as e:
-        raise UserError(str(e)) from None
+    return pipeline_run.kfp_call(fn, *args, **kwargs)
 
 
 def _run_parameters(params: Path, profile: str | None, param: list[str], set_fields: list[str],
                     data_revision: str | None, data_hash: str | None) -> dict:
-    from rlhf import pipeline_run, tracking, versioning
+    from rlhf import pipeline_run
 
-    pipeline_run.import_pipelines()
-    from pipelines import rlhf_pipeline
-
-    if not params.exists():
-        raise UserError(f"params file not found: {params}", hint="run from the project root or pass --params")
-    if data_hash is None:
-        data_hash = versioning.data_hash("data.dvc") if Path("data.dvc").exists() else ""
-    values = {"data_revision": data_revision if data_revision is not None else (tracking.git_commit() or ""),
-              "data_hash": data_hash, "params_yaml": rlhf_pipeline.params_text(params.read_text(encoding="utf-8")),
-              "profile": profile or ""}
-    overrides = pipeline_run.dotted_overrides(set_fields)
-    if overrides:
-        values["overrides"] = overrides
-    values.update(pipeline_run.parse_assignments(param))
-    pipeline_run.check_parameters(values, rlhf_pipeline.pipeline_parameters())
-    return values
+    return pipeline_run.run_parameters(params, profile, pipeline_run.parse_assignments(param),
+                                       pipeline_run.dotted_overrides(set_fields), data_revision, data_hash)
 
 
 @app.command("compile")
@@ -361,29 +341,13 @@ def submit_cmd(
                                              "decision) to this file, e.g. $GITHUB_STEP_SUMMARY"),
 ):
     """Create a run of the pipeline on a Kubeflow Pipelines endpoint (token from $KFP_TOKEN)."""
-    import time as _time
-
     from rlhf import pipeline_run
 
     values = _run_parameters(params, profile, param, set_fields, data_revision, data_hash)
-    from pipelines import client as kfp
-
-    spec = kfp.compiled_spec(pipeline_file, image=image, gpu_image=gpu_image, params_yaml=values["params_yaml"])
-    name = run_name or f"rlhf {values['data_revision'][:8] or 'local'} {_time.strftime('%Y-%m-%d %H:%M:%S')}"
-    api = kfp.KfpClient(host, namespace=namespace)
-    run = _kfp_call(kfp.submit, api, pipeline_spec=spec, parameters=values, experiment=experiment,
-                    run_name=name, service_account=service_account, wait=wait, poll_s=poll, timeout_s=timeout,
-                    echo=typer.echo)
-    if not wait:
-        return
-    gate = kfp.gate_from_run(run)
-    typer.echo(f"run {run.get('run_id')} {run.get('state')}; gate {gate[0]}: {gate[1]}")
-    if summary_file is not None:
-        with open(summary_file, "a", encoding="utf-8") as f:
-            f.write(kfp.summary_markdown(run, host, gate, values))
-    if run.get("state") != "SUCCEEDED":
-        raise pipeline_run.RunFailed(f"run {run.get('run_id')} ended {run.get('state')}",
-                                     hint=f"{host.rstrip('/')}/#/runs/details/{run.get('run_id')}")
+    pipeline_run.submit_remote(host, values, pipeline_file=pipeline_file, image=image, gpu_image=gpu_image,
+                               experiment=experiment, run_name=run_name, service_account=service_account,
+                               namespace=namespace, wait=wait, poll=poll, timeout=timeout,
+                               summary_file=summary_file, echo=typer.echo)
 
 
 @app.command("schedule")
@@ -413,6 +377,68 @@ def schedule_cmd(
     api = kfp.KfpClient(host, namespace=namespace)
     _kfp_call(kfp.schedule, api, pipeline_spec=spec, parameters=values, experiment=experiment, name=name,
               cron=cron, service_account=service_account, echo=typer.echo)
+
+
+@app.command("retrain")
+def retrain_cmd(
+    local: bool = typer.Option(False, "--local", help="if needed, run the pipeline here (as `rlhf run`)"),
+    host: str | None = typer.Option(None, "--host", help="if needed, submit a run to this KFP API (as "
+                                    "`rlhf submit`; token: $KFP_TOKEN)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only decide and print why; start nothing"),
+    force: bool = typer.Option(False, "--force", help="run even if data and params are unchanged"),
+    params: Path = PARAMS,
+    profile: str | None = PROFILE,
+    param: list[str] = PIPELINE_PARAM,
+    set_fields: list[str] = SET_FIELD,
+    dvc_file: Path = typer.Option(Path("data.dvc"), "--dvc-file", help="DVC pointer file of the raw data"),
+    data_hash: str | None = typer.Option(None, envvar="RLHF_DATA_HASH", help="with --host: the data version "
+                                         "(md5 in data.dvc) when there is no data.dvc here, e.g. in the "
+                                         "retrain CronJob"),
+    summary_file: Path | None = typer.Option(None, help="append the decision (and with --host --wait the run's "
+                                             "gate decision) as Markdown, e.g. $GITHUB_STEP_SUMMARY"),
+    runs_dir: Path = typer.Option(Path("runs"), help="--local: where run directories are created"),
+    threads: int | None = typer.Option(None, min=1, help="--local: CPU threads per step"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="--local: show everything the steps print"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="--local: only stage lines and the summary"),
+    data_revision: str | None = typer.Option(None, help="--host: revision recorded with the run "
+                                             "(default: git HEAD)"),
+    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="--host: compiled pipeline YAML "
+                                              "(default: compile now)"),
+    experiment: str = EXPERIMENT,
+    run_name: str | None = typer.Option(None, help="--host: display name (default: rlhf <revision> <time>)"),
+    service_account: str | None = SERVICE_ACCOUNT,
+    namespace: str | None = NAMESPACE,
+    image: str | None = IMAGE_OPT,
+    gpu_image: str | None = GPU_IMAGE_OPT,
+    wait: bool = typer.Option(False, "--wait", help="--host: follow the run to its end and report the gate"),
+    poll: float = typer.Option(30.0, help="--host --wait: seconds between status polls"),
+    timeout: float = typer.Option(6 * 3600, help="--host --wait: give up waiting after this many seconds"),
+):
+    """Retrain only if the data or the params changed since the champion in the MLflow registry.
+
+    Compares the DVC data hash (data.dvc) and the fingerprint of the resolved pipeline configuration
+    (params.yaml + profile + --set/-p) with the lineage tags of models:/<register.model_name>@champion,
+    prints the decision in one line, and then does nothing (exit 0) or runs the pipeline: --local
+    here, --host on Kubeflow Pipelines with the git commit as data revision. New preference rows count
+    once recorded: after adding them to data/raw run `dvc add data/raw` (then `dvc push` and commit
+    data.dvc); unrecorded changes in data/raw stop the command with that advice.
+    """
+    from rlhf import pipeline_run, retrain
+
+    if local and host:
+        raise UserError("choose one of --local and --host")
+    if not local and not host:
+        raise UserError("rlhf retrain needs --local (run the pipeline here) or --host URL (submit to Kubeflow "
+                        "Pipelines)", hint="--dry-run with either only prints the decision")
+    retrain.retrain(
+        mode="local" if local else "host", params=params, profile=profile,
+        parameters=pipeline_run.parse_assignments(param), overrides=pipeline_run.dotted_overrides(set_fields),
+        dvc_file=dvc_file, data_hash=data_hash or None, force=force, dry_run=dry_run, summary_file=summary_file,
+        local_options={"runs_dir": runs_dir, "threads": threads, "verbose": verbose, "quiet": quiet},
+        host=host, data_revision=data_revision, echo=typer.echo,
+        submit_options={"pipeline_file": pipeline_file, "image": image, "gpu_image": gpu_image,
+                        "experiment": experiment, "run_name": run_name, "service_account": service_account,
+                        "namespace": namespace, "wait": wait, "poll": poll, "timeout": timeout})
 
 
 def main(argv: list[str] | None = None) -> None:

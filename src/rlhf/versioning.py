@@ -49,6 +49,30 @@ def is_clean(dvc_file: str | Path) -> bool:
         return False
 
 
+def workspace_changes(dvc_file: str | Path = "data.dvc") -> str:
+    """How the tracked data in the workspace differs from what ``dvc_file`` records ("" when it does not).
+
+    ``dvc status`` hashes the workspace: rows appended to ``data/raw`` without ``dvc add data/raw``
+    show up here (e.g. ``"data/raw modified"``), while :func:`data_hash` still names the old version.
+    """
+    dvc_file = Path(dvc_file)
+    proc = dvc("status", "--json", dvc_file.name, cwd=dvc_file.parent)
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        raise UserError(f"`dvc status {dvc_file.name}` printed something unexpected: {proc.stdout[:200]!r}") from None
+    changes = []
+    for entries in status.values():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict):
+                for outs in entry.values():
+                    if isinstance(outs, dict):
+                        changes += [f"{path} {what}" for path, what in outs.items()]
+            else:
+                changes.append(str(entry))
+    return ", ".join(changes)
+
+
 def fetch_data(dvc_file: str | Path = "data.dvc") -> str:
     """Make the tracked raw data present: already there, ``dvc pull``, or regenerate the demo data.
 
