@@ -76,6 +76,10 @@ def test_trainjob_matches_the_crd_and_the_repository_runtime(monkeypatch):
     assert res["requests"]["memory"] == "128Gi" and res["requests"]["cpu"] == "16"
     cmd = trainer["command"] + trainer["args"]
     assert cmd[:5] == ["python", "-m", "rlhf.steps", "job", "--stage"] and cmd[5] == "ppo"
+    # the repository's template runs the same entry point with the same torchrun flags
+    tpl = template["spec"]["trainer"]
+    assert (tpl["command"], tpl["args"][:3]) == (trainer["command"], trainer["args"][:3])
+    assert tpl["args"][tpl["args"].index("--"):] == trainer["args"][trainer["args"].index("--"):]
     for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port"):
         assert any(a.startswith(flag + "=$(PET_") for a in cmd), flag  # set by the Trainer on every node
     # the overrides target a replicated job the runtime has, and forward selector/tolerations/identity
@@ -117,6 +121,13 @@ def test_pytorchjob_matches_the_crd_and_the_repository_template():
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         tpl_pod = template["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+        tpl_c = tpl_pod["containers"][0]
+        tpl_env = {e["name"]: e.get("value") for e in tpl_c["env"]}
+        assert (tpl_c["command"], tpl_c["args"][:3]) == (c["command"], c["args"][:3]), "same entry point"
+        flags = [a.replace("$(RLHF_NUM_NODES)", "3").replace("$(RLHF_NPROC_PER_NODE)", "8")
+                 for a in tpl_c["args"][tpl_c["args"].index("--"):]]
+        assert flags == c["args"][c["args"].index("--"):], "same torchrun flags"
+        assert {"RLHF_NUM_NODES", "RLHF_NPROC_PER_NODE"} <= set(tpl_env)
         assert pod["securityContext"] == tpl_pod["securityContext"]
         assert c["securityContext"] == tpl_pod["containers"][0]["securityContext"]
 
