@@ -494,6 +494,9 @@ def test_retrain_cronjob(builds):
     (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert c["command"] + c["args"] == ["rlhf", "retrain", "--host", "$(KFP_HOST)"]
     assert {"configMapRef": {"name": "rlhf-config"}} in c["envFrom"]
+    env = {e["name"]: e for e in c["env"]}  # the data version to compare (no git checkout in the pod)
+    assert env["RLHF_DATA_HASH"]["valueFrom"]["configMapKeyRef"] == {"name": "rlhf-data-version",
+                                                                      "key": "RLHF_DATA_HASH", "optional": True}
     prod = find(builds["prod+cronjob"]["docs"], "CronJob", "rlhf-retrain")
     assert not prod["spec"].get("suspend")
 
@@ -521,10 +524,12 @@ def test_crd_templates_structure():
     gpus = trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
     assert gpus == trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
     cmd = trainer["command"] + trainer["args"]
-    assert cmd[0] == "torchrun"
-    assert cmd[cmd.index("-m") + 1 : cmd.index("-m") + 3] == ["rlhf.cli", "ppo"]
+    # the multi-node entry point pipelines/multinode.py starts: python -m rlhf.steps job ... -- <torchrun flags>
+    assert cmd[:7] == ["python", "-m", "rlhf.steps", "job", "--stage", "ppo", "--scratch"]
+    rendezvous = cmd[cmd.index("--") + 1 :]
     for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port"):
-        assert any(a.startswith(flag + "=$(PET_") for a in cmd), flag
+        assert any(a.startswith(flag + "=$(PET_") for a in rendezvous), flag
+    assert trainer["numProcPerNode"] == int(gpus)
     defined = {e["name"] for e in trainer["env"]}
     for var in re.findall(r"\$\((RLHF_[A-Z_]+)\)", " ".join(cmd)):
         assert var in defined, f"TrainJob uses $({var}) without defining it"
@@ -544,8 +549,9 @@ def test_crd_templates_structure():
         (c,) = pod["containers"]
         assert c["name"] == "pytorch", "the training operator requires the container name 'pytorch'"
         cmd = c["command"] + c["args"]
-        assert cmd[0] == "torchrun" and "rlhf.cli" in cmd and "ppo" in cmd, rtype
-        assert "--node-rank=$(RANK)" in cmd and "--master-addr=$(MASTER_ADDR)" in cmd
+        assert cmd[:7] == ["python", "-m", "rlhf.steps", "job", "--stage", "ppo", "--scratch"], rtype
+        rendezvous = cmd[cmd.index("--") + 1 :]
+        assert "--node-rank=$(RANK)" in rendezvous and "--master-addr=$(MASTER_ADDR)" in rendezvous
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert int(env["RLHF_NUM_NODES"]) == sum(x["replicas"] for x in replicas.values())
         assert env["RLHF_NPROC_PER_NODE"] == c["resources"]["limits"]["nvidia.com/gpu"]
@@ -683,15 +689,19 @@ def test_retrain_workflow():
     steps = job["steps"]
     runs = "\n".join(s.get("run", "") for s in steps)
     assert any(s.get("with", {}).get("python-version") == "3.11" for s in steps)
-    for needle in ("make install", "dvc pull", "rlhf compile --out pipeline.yaml", "rlhf submit", "--wait"):
+    for needle in ("make install", "dvc pull", "rlhf compile --out pipeline.yaml", "rlhf retrain --host", "--wait"):
         assert needle in runs, needle
-    submit = next(s for s in steps if "rlhf submit" in s.get("run", ""))
+    # rlhf retrain decides (data hash + params vs the champion's lineage) and submits only when needed
+    submit = next(s for s in steps if "rlhf retrain" in s.get("run", ""))
     assert (
         '--data-revision "$GITHUB_SHA"' in submit["run"]
         and '--summary-file "$GITHUB_STEP_SUMMARY"' in submit["run"]
+        and "--pipeline pipeline.yaml" in submit["run"]
     )
     assert submit["env"]["KFP_HOST"] == "${{ secrets.KFP_HOST }}"
     assert submit["env"]["KFP_TOKEN"] == "${{ secrets.KFP_TOKEN }}"
+    assert submit["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+    assert on["workflow_dispatch"]["inputs"]["force"]["type"] == "boolean"
     text = (ROOT / ".github/workflows/retrain.yml").read_text()
     # Credentials come only from secrets.*: every env value naming one is a secrets expression.
     for s in steps:
