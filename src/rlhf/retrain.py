@@ -120,8 +120,8 @@ def current_data(dvc_file: str | Path = "data.dvc", data_hash: str | None = None
         if changes:
             raise UserError(f"{raw} has changes that {dvc_file} does not record ({changes}); the recorded version "
                             f"is {short(md5)}",
-                            hint=f"`dvc add {raw}` to record them as a new data version (then `dvc push` and "
-                                 f"commit {dvc_file}), or `dvc checkout {dvc_file}` to discard them")
+                            hint=f"record them with `dvc add {raw}`, then `dvc push` and commit {dvc_file}; or "
+                                 f"discard them with `dvc checkout {dvc_file}`")
     elif local:
         raise UserError(f"raw data not found: {raw}", hint="`rlhf fetch-data` (or `dvc pull`) first")
     return md5, raw
