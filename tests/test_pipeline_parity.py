@@ -21,7 +21,9 @@ from rlhf import config as cfg  # noqa: E402
 from rlhf import steps  # noqa: E402
 from rlhf.cli import app  # noqa: E402
 
-NOT_INPUTS = {"out", "params", "pipeline_run_id"}  # CLI parameters that are not stage inputs
+# CLI parameters that are not stage inputs (--champion-from-registry: where --champion comes from, like
+# the KFP component's compare_champion)
+NOT_INPUTS = {"out", "params", "pipeline_run_id", "champion_from_registry"}
 SECTION_CLASSES = {"prepare": cfg.PrepareConfig, "validate": cfg.ValidateConfig, "model": cfg.ModelConfig,
                    "sft": cfg.SFTConfig, "reward": cfg.RewardConfig, "ppo": getattr(cfg, "PPOConfig", None),
                    "evaluate": cfg.EvaluateConfig, "register": getattr(cfg, "RegisterConfig", None)}

@@ -307,6 +307,29 @@ def test_cli_models_commands(story, store):
     assert res.exit_code == 0 and Path(res.output.strip()).name == f"{store.cfg.model_name}-v1"
 
 
+def test_evaluate_compares_with_the_registry_champion(story, store, tiny_base, dataset, tmp_path):
+    """`rlhf evaluate --champion-from-registry` (the DVC evaluate stage) samples the champion too."""
+    from typer.testing import CliRunner
+
+    from rlhf.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model:\n  device: cpu\nregister:\n  cache_dir: {store.root / 'champions'}\n"
+                      "evaluate:\n  n_prompts: 4\n  max_new_tokens: 6\n")
+    champion_hash = read_manifest(registry.champion_dir(store.cfg))["content_hash"]
+    out = tmp_path / "evaluation"
+    res = CliRunner().invoke(app, ["evaluate", "--dataset", str(dataset), "--policy", str(story["policies"]["F"]),
+                                   "--baseline", str(tiny_base), "--reward", str(story["reward"]),
+                                   "--champion-from-registry", "--out", str(out), "--params", str(params)])
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(out)
+    assert manifest["inputs"]["champion"] == champion_hash, "the evaluation names the champion it compared with"
+    assert "champion_gold_mean" in json.loads((out / "metrics.json").read_text())
+    res = CliRunner().invoke(app, ["evaluate", "--champion", str(tiny_base), "--champion-from-registry",
+                                   "--out", str(tmp_path / "x"), "--params", str(params)])
+    assert isinstance(res.exception, UserError) and "not both" in str(res.exception)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

@@ -138,13 +138,22 @@ def evaluate_cmd(
     baseline: Path = typer.Option(Path("artifacts/sft"), help="baseline policy (the SFT policy)"),
     reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", help="reward model"),
     champion: Path | None = typer.Option(None, help="current champion policy directory, if any"),
+    champion_from_registry: bool = typer.Option(
+        False, "--champion-from-registry",
+        help="compare with models:/<register.model_name>@champion when there is one (what `dvc repro` does)"),
     out: Path = typer.Option(Path("artifacts/evaluation"), help="where metrics, report and gate go"),
     params: Path = PARAMS,
 ):
     """Sample from the candidate, the SFT baseline (and champion); gold/RM/KL metrics, report, gate."""
-    from rlhf.config import EvaluateConfig, ModelConfig, load_stage
+    from rlhf.config import EvaluateConfig, ModelConfig, RegisterConfig, load_stage
     from rlhf.evaluate import evaluate
 
+    if champion_from_registry:
+        if champion is not None:
+            raise UserError("give either --champion DIR or --champion-from-registry, not both", where="rlhf evaluate")
+        from rlhf import registry
+
+        champion = registry.champion_dir(load_stage(RegisterConfig, "register", params))  # None: no champion yet
     metrics = evaluate(dataset, policy, baseline, reward_model, out, load_stage(EvaluateConfig, "evaluate", params),
                        load_stage(ModelConfig, "model", params), champion=champion)
     gate = "PASSED" if metrics["gate_passed"] else "FAILED"
