@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -80,14 +83,27 @@ def test_parameters_and_overrides_from_the_command_line():
 def test_threads_follow_the_machine_load(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 6.0, 5.0))
+    monkeypatch.setattr(pr, "busy_cpus", lambda: 6.0)
     n, note = pr.auto_threads()
     assert n == 1 and "busy" in note
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    monkeypatch.setattr(pr, "busy_cpus", lambda: 0.0)
     assert pr.auto_threads() == (None, "")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(pr, "busy_cpus", lambda: 6.0)
+    assert pr.auto_threads()[0] == 10
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(pr, "busy_cpus", lambda: 9.0)
     assert pr.auto_threads() == (None, ""), "the user's choice wins"
+
+
+def test_busy_cpus_sees_a_spinning_process():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert pr.busy_cpus() >= 1, "a process spinning on a CPU is counted"
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_stage_names_of_kfp_tasks():

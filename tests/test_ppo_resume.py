@@ -29,7 +29,8 @@ def _params(tmp_path: Path, tiny_cfg) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {"RLHF_TRACKING": "off", "RLHF_PROFILE": "", "RLHF_LOG_LEVEL": "INFO"}
+    # one thread in every run: the thread count the CLI would pick follows the machine's load
+    return {"RLHF_TRACKING": "off", "RLHF_PROFILE": "", "RLHF_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
 
 
 def _args(dataset, sft, rm, out, params) -> list[str]:

@@ -450,13 +450,30 @@ def retrain_cmd(
                         "namespace": namespace, "wait": wait, "poll": poll, "timeout": timeout})
 
 
+TORCH_STAGES = {"sft", "reward", "ppo", "evaluate"}  # the commands that compute with torch
+
+
+def _threads_for_this_machine() -> None:
+    """On a busy machine fewer torch threads (OMP_NUM_THREADS, set before torch is imported), as `rlhf run` does."""
+    from rlhf.pipeline_run import auto_threads
+
+    n, note = auto_threads()
+    if n:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+        logging.getLogger("rlhf").info("%s", note.replace("per step (--threads to choose)",
+                                                          "(OMP_NUM_THREADS to choose)"))
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TORCH_STAGES:
+        _threads_for_this_machine()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e.one_line()}", err=True, fg=typer.colors.RED)
         sys.exit(e.exit_code)
