@@ -160,6 +160,24 @@ def test_entropy_of_uniform_logits():
     assert torch.allclose(ent, torch.full((2, 3), torch.log(torch.tensor(8.0)).item()))
 
 
+def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions():
+    from rlhf.generation import logprobs_and_entropy, logprobs_from_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50) * 3
+    tokens = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():  # the in-place path (rollouts)
+        lp, ent = logprobs_and_entropy(logits.clone(), tokens)
+    assert torch.equal(lp, logprobs_from_logits(logits, tokens))
+    assert torch.allclose(ent, L.entropy_from_logits(logits), atol=1e-6)
+    x = logits.clone().requires_grad_(True)  # the autograd path (entropy bonus)
+    lp2, ent2 = logprobs_and_entropy(x, tokens)
+    (lp2.sum() + ent2.sum()).backward()
+    y = logits.clone().requires_grad_(True)
+    (logprobs_from_logits(y, tokens).sum() + L.entropy_from_logits(y).sum()).backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
 def test_kl_controllers():
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 64)

@@ -14,6 +14,7 @@ from rlhf.config import ModelConfig, PPOConfig
 from rlhf.data import load_split
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
+from rlhf.ppo import distributed as D
 from rlhf.ppo import loss as L
 from rlhf.ppo import train_ppo
 from rlhf.ppo.rollout import (
@@ -23,7 +24,7 @@ from rlhf.ppo.rollout import (
     make_experience,
     score_rollout,
 )
-from rlhf.ppo.trainer import load_models, minibatch_loss
+from rlhf.ppo.trainer import load_models, minibatch_loss, ppo_update
 
 os.environ["RLHF_TRACKING"] = "off"
 
@@ -133,6 +134,42 @@ def test_first_minibatch_has_ratio_one_and_no_clipping(experience, full_models):
     assert torch.isfinite(loss)
     policy.zero_grad(set_to_none=True)
     critic.zero_grad(set_to_none=True)
+
+
+class _GradRecorder:
+    """Stands in for the optimizer in ppo_update: records the gradients of each step instead of stepping."""
+
+    def __init__(self, models):
+        self.params = [p for m in models for p in m.parameters() if p.requires_grad]
+        self.steps = []
+
+    def step(self):
+        self.steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("micro", [None, 2, 4])
+def test_update_gradients_equal_one_graph_over_the_whole_minibatch(experience, full_models, micro):
+    """ppo_update back-propagates policy and critic one after the other, micro-batch by micro-batch
+    (weighted by valid tokens): the gradients are those of ``minibatch_loss`` on the whole minibatch."""
+    cfg, _, (policy, _, critic, _, _, _) = full_models
+    rec = _GradRecorder([policy, critic])
+    rec.zero_grad()
+    loss, _ = minibatch_loss(policy, critic, experience.select(torch.arange(len(experience))), cfg)
+    loss.backward()
+    rec.step()
+    rec.zero_grad()
+    c = cfg.model_copy(update={"rollout_batch_size": len(experience), "num_minibatches": 1, "ppo_epochs": 1,
+                               "micro_batch_size": micro, "max_grad_norm": 1e9})
+    stats = ppo_update(policy, critic, experience, c, rec, step=1, info=D.DistInfo())
+    expected, got = rec.steps
+    assert any(g.abs().sum() > 0 for g in got)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, rtol=1e-4, atol=1e-7)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["clip_frac"] == 0.0
 
 
 def test_pad_equal_to_eos_is_rejected_at_load(sft_model, tmp_path):

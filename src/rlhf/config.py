@@ -116,7 +116,8 @@ class PPOConfig(StageConfig):
     rollout_batch_size: int = Field(32, ge=1, description="prompts sampled per step and rank")
     num_minibatches: int = Field(1, ge=1, description="minibatches (optimizer steps) per PPO epoch")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (gradient "
-                                         "accumulation); default: the whole minibatch")
+                                         "accumulation, weighted by valid tokens: the same update as the "
+                                         "whole minibatch at a lower peak memory); default: the whole minibatch")
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
     generation_batch_size: int | None = Field(None, ge=1, description="prompts per generate call "
                                               "(default: all of them)")

@@ -105,12 +105,20 @@ def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mas
             rollout_or_ids.query_ids.shape[1]
     else:
         ids, mask = rollout_or_ids, attention_mask
-    # Only the response positions need the LM head: ask the model for the last R + 1 positions when
-    # it supports ``logits_to_keep`` (saves the head's matmul and memory over the prompt tokens).
-    keep = {"logits_to_keep": ids.shape[1] - query_len + 1} if _accepts_logits_to_keep(model) else {}
+    # Only the R positions that predict response tokens (query_len - 1 ... T - 2) need the LM head and
+    # its (B, R, V) output: hand them to the model as ``logits_to_keep`` positions when it takes them.
+    # An index tensor rather than "the last R + 1": the gathered hidden states are contiguous (a plain
+    # matmul for the head; a strided slice goes through a ~2x slower batched matmul on CPU), and no
+    # (B, R + 1, V) logits are made only to be sliced (whose backward would allocate another one).
+    n_resp = ids.shape[1] - query_len
+    keep = {"logits_to_keep": torch.arange(query_len - 1, ids.shape[1] - 1, device=ids.device)} \
+        if _accepts_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
                 use_cache=False, **keep)
-    logits = out.logits[:, -(ids.shape[1] - query_len + 1) : -1].float()
+    logits = out.logits if keep and out.logits.shape[1] == n_resp else out.logits[:, -(n_resp + 1) : -1]
+    logits = logits.float()
+    if not torch.is_grad_enabled():  # no autograd graph to keep intact: divide in place, no second (B, R, V) copy
+        return logits.div_(temperature)
     return logits / temperature
 
 
@@ -129,6 +137,17 @@ def _accepts_logits_to_keep(model) -> bool:
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probability of each token: (B, R)."""
     return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logprobs_from_logits`` and the per-token entropy from one ``log_softmax`` (values identical to
+    computing them separately): (B, R) each. With the full vocabulary (SmolLM2: 49152) every (B, R, V)
+    temporary counts, so this keeps one log-softmax and one product alive instead of two of each."""
+    logp = logits.log_softmax(-1)
+    logprobs = torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    p = logp.exp()
+    p_logp = p * logp if logp.requires_grad else p.mul_(logp)  # in place only without a graph (exp saves p)
+    return logprobs, -p_logp.sum(-1)
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int = 32) -> torch.Tensor:

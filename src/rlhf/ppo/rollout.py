@@ -223,10 +223,12 @@ def forward_logprobs(model: nn.Module, query_ids, query_mask, response_ids, resp
         sl = slice(i, i + forward_batch_size)
         ids, mask, q_len, r_len = trim(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
         logits = generation.response_logits(model, ids, mask, q_len, temperature)
-        logprobs[sl, :r_len] = L.masked(generation.logprobs_from_logits(logits, response_ids[sl, :r_len]),
-                                        response_mask[sl, :r_len])
         if entropy is not None:
-            entropy[sl, :r_len] = L.masked(L.entropy_from_logits(logits), response_mask[sl, :r_len])
+            lp, ent = generation.logprobs_and_entropy(logits, response_ids[sl, :r_len])
+            entropy[sl, :r_len] = L.masked(ent, response_mask[sl, :r_len])
+        else:
+            lp = generation.logprobs_from_logits(logits, response_ids[sl, :r_len])
+        logprobs[sl, :r_len] = L.masked(lp, response_mask[sl, :r_len])
         del logits
     return logprobs, entropy
 

@@ -6,9 +6,11 @@ Per step (``total_steps`` of them), on every rank:
    pass over the prompts, so the data position is a function of the step and survives a restart);
 2. :func:`rlhf.ppo.rollout.make_experience`: sample, score, KL-penalised rewards, GAE, whitening;
 3. ``ppo_epochs`` passes over the batch in shuffled minibatches; each minibatch is one optimizer
-   step (gradient accumulation over micro-batches), loss = clipped policy loss + ``vf_coef`` x
-   clipped value loss; gradients clipped per model (policy, critic); AdamW with eps 1e-5 and one
-   lr-schedule step per PPO step (checklist 20, 23);
+   step (gradient accumulation over micro-batches, each weighted by its share of the minibatch's
+   valid tokens, so the step is that of the whole minibatch), loss = clipped policy loss +
+   ``vf_coef`` x clipped value loss, back-propagated per model (policy, then critic: only one
+   model's activations alive at a time); gradients clipped per model (policy, critic); AdamW with
+   eps 1e-5 and one lr-schedule step per PPO step (checklist 20, 23);
 4. the KL controller sees the batch's mean sequence KL (fixed beta, or adaptive towards
    ``kl_target``; checklist 15);
 5. metrics through :mod:`rlhf.tracking` and a progress line (25); a checkpoint every
@@ -50,6 +52,7 @@ from rlhf.ppo.rollout import (
     check_special_tokens,
     experience_stats,
     make_experience,
+    trim,
     unwrap,
     zero_value_head,
 )
@@ -191,23 +194,49 @@ def make_lr_schedule(opt, cfg: PPOConfig):
 # ----------------------------------------------------------------------------- the update
 
 
-def minibatch_loss(policy, critic, mb: dict[str, torch.Tensor], cfg: PPOConfig) -> tuple[torch.Tensor,
-                                                                                         dict[str, torch.Tensor]]:
-    """Loss and diagnostics of one micro-batch (rows of an :class:`Experience`, see ``Experience.select``)."""
-    from rlhf.ppo.rollout import trim
-
-    ids, mask, q_len, r_len = trim(mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+def policy_minibatch_loss(policy, mb: dict[str, torch.Tensor], cfg: PPOConfig,
+                          trimmed=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy's part of a micro-batch's loss (clipped surrogate, minus the entropy bonus if any)."""
+    ids, mask, q_len, r_len = trimmed or trim(mb["query_ids"], mb["query_mask"], mb["response_ids"],
+                                              mb["response_mask"])
     r_mask = mb["response_mask"][:, :r_len]
     logits = generation.response_logits(policy, ids, mask, q_len, cfg.temperature)
-    logprobs = generation.logprobs_from_logits(logits, mb["response_ids"][:, :r_len])
-    values = critic(ids, mask)[:, q_len - 1 : -1]
+    if cfg.entropy_coef:
+        logprobs, entropy = generation.logprobs_and_entropy(logits, mb["response_ids"][:, :r_len])
+    else:
+        logprobs = generation.logprobs_from_logits(logits, mb["response_ids"][:, :r_len])
+    del logits
     pg_loss, stats = L.policy_loss(logprobs, mb["logprobs"][:, :r_len], mb["advantages"][:, :r_len], r_mask,
                                    cfg.clip_eps)
+    if cfg.entropy_coef:
+        pg_loss = pg_loss - cfg.entropy_coef * L.masked_mean(entropy, r_mask)
+    return pg_loss, stats
+
+
+def value_minibatch_loss(critic, mb: dict[str, torch.Tensor], cfg: PPOConfig,
+                         trimmed=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The critic's part of a micro-batch's loss: ``vf_coef`` x the clipped value loss."""
+    ids, mask, q_len, r_len = trimmed or trim(mb["query_ids"], mb["query_mask"], mb["response_ids"],
+                                              mb["response_mask"])
+    r_mask = mb["response_mask"][:, :r_len]
+    values = critic(ids, mask)[:, q_len - 1 : -1]
     vf_loss, vf_stats = L.value_loss(values, mb["values"][:, :r_len], mb["returns"][:, :r_len], r_mask,
                                      cfg.vf_clip_eps)
-    total = pg_loss + cfg.vf_coef * vf_loss
-    if cfg.entropy_coef:
-        total = total - cfg.entropy_coef * L.masked_mean(L.entropy_from_logits(logits), r_mask)
+    return cfg.vf_coef * vf_loss, vf_stats
+
+
+def minibatch_loss(policy, critic, mb: dict[str, torch.Tensor], cfg: PPOConfig) -> tuple[torch.Tensor,
+                                                                                         dict[str, torch.Tensor]]:
+    """Loss and diagnostics of one micro-batch (rows of an :class:`Experience`, see ``Experience.select``).
+
+    ``policy loss + vf_coef x value loss`` in one graph. :func:`ppo_update` does not use it: it
+    back-propagates the two parts one after the other (same gradients, the two models share no
+    parameters), so only one model's activations are alive at a time.
+    """
+    trimmed = trim(mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+    pg_loss, stats = policy_minibatch_loss(policy, mb, cfg, trimmed)
+    vf_part, vf_stats = value_minibatch_loss(critic, mb, cfg, trimmed)
+    total = pg_loss + vf_part
     return total, {**stats, **vf_stats, "loss": total.detach()}
 
 
@@ -226,14 +255,31 @@ def ppo_update(policy, critic, exp, cfg: PPOConfig, opt, step: int, info: D.Dist
         perm = torch.randperm(B, generator=gen)
         for m in range(cfg.num_minibatches):
             mb_idx = perm[m * mb_size : (m + 1) * mb_size]
+            mb_tokens = float(exp.response_mask[mb_idx.to(device)].sum())
             mb_stats: dict[str, float] = defaultdict(float)
             for k in range(n_micro):
                 idx = mb_idx[k * micro : (k + 1) * micro].to(device)
+                mb = exp.select(idx)
+                trimmed = trim(mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+                # Each micro-batch's masked means weighted by its share of the minibatch's valid tokens:
+                # the accumulated gradient is that of the masked mean over the whole minibatch
+                # (checklist 19), so micro_batch_size only trades memory for nothing (weight 1 when
+                # the micro-batch is the minibatch).
+                w = float(mb["response_mask"].sum()) / mb_tokens if mb_tokens > 0 else 1.0 / n_micro
                 with D.no_sync([policy, critic], active=info.enabled and k < n_micro - 1):
-                    loss, st = minibatch_loss(policy, critic, exp.select(idx), cfg)
-                    (loss / n_micro).backward()
+                    # Policy, then critic: each backward frees its model's activations before the other
+                    # model's forward, so the peak holds one model's activations, not both (the
+                    # gradients are those of pg_loss + vf_coef * vf_loss: no shared parameters).
+                    pg_loss, st = policy_minibatch_loss(policy, mb, cfg, trimmed)
+                    (pg_loss * w).backward()
+                    vf_part, vf_st = value_minibatch_loss(critic, mb, cfg, trimmed)
+                    (vf_part * w).backward()
+                st = {**st, **vf_st, "loss": pg_loss.detach() + vf_part.detach()}
                 for key, v in st.items():
-                    mb_stats[key] += float(v) / n_micro
+                    if key.endswith("_max"):
+                        mb_stats[key] = max(mb_stats.get(key, float("-inf")), float(v))
+                    else:
+                        mb_stats[key] += float(v) * w
             mb_stats["grad_norm_policy"] = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm))
             mb_stats["grad_norm_critic"] = float(torch.nn.utils.clip_grad_norm_(
@@ -494,6 +540,6 @@ def _write_output(out, policy, critic, tok, metrics, cfg, model_cfg, dataset, sf
                               "lora_merged": bool(cfg.merge_lora or not model_cfg.lora)})
 
 
-__all__ = ["train_ppo", "ppo_update", "minibatch_loss", "load_models", "FixedKLController",
-           "AdaptiveKLController", "kl_controller", "PromptStream", "fingerprint", "summarize", "checkpoint_root",
-           "TIMING_METRICS"]
+__all__ = ["train_ppo", "ppo_update", "minibatch_loss", "policy_minibatch_loss", "value_minibatch_loss",
+           "load_models", "FixedKLController", "AdaptiveKLController", "kl_controller", "PromptStream", "fingerprint",
+           "summarize", "checkpoint_root", "TIMING_METRICS"]
