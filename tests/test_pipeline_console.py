@@ -96,6 +96,12 @@ def test_threads_follow_the_machine_load(monkeypatch):
     assert pr.auto_threads() == (None, ""), "the user's choice wins"
 
 
+def test_busy_cpus_reads_the_runnable_count_without_itself(tmp_path):
+    f = tmp_path / "loadavg"
+    f.write_text("0.10 0.20 0.30 4/321 12345\n")  # 1-minute load 0.1, but 4 threads runnable right now
+    assert pr.busy_cpus(samples=3, interval=0, loadavg=str(f)) == 3.0
+
+
 def test_busy_cpus_sees_a_spinning_process():
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -399,7 +399,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def busy_cpus(samples: int = 5, interval: float = 0.02) -> float:
+def busy_cpus(samples: int = 5, interval: float = 0.02, loadavg: str = "/proc/loadavg") -> float:
     """How many CPUs other processes are using right now.
 
     The runnable-thread count of ``/proc/loadavg`` (minus this process), median of a few samples:
@@ -409,7 +409,7 @@ def busy_cpus(samples: int = 5, interval: float = 0.02) -> float:
     counts = []
     try:
         for i in range(samples):
-            with open("/proc/loadavg", encoding="ascii") as f:
+            with open(loadavg, encoding="ascii") as f:
                 counts.append(int(f.read().split()[3].split("/")[0]) - 1)
             if i + 1 < samples:
                 time.sleep(interval)
