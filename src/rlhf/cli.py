@@ -261,6 +261,7 @@ SET_FIELD = typer.Option([], "--set", help="any config field SECTION.FIELD=VALUE
                          "ppo.total_steps=5 (the pipeline parameter `overrides`)")
 PROFILE = typer.Option(None, help="params profile (default: $RLHF_PROFILE, else params.yaml's `profile:`; "
                        "'none': the base sections)")
+PIPELINE_FILE = typer.Option(None, "--pipeline", help="compiled pipeline YAML (default: compile now)")
 IMAGE_OPT = typer.Option(None, "--image", envvar="RLHF_IMAGE", help="component image (CPU steps)")
 GPU_IMAGE_OPT = typer.Option(None, "--gpu-image", envvar="RLHF_GPU_IMAGE",
                              help="image of GPU steps (default: the CPU image's tag + '-cuda')")
@@ -328,8 +329,7 @@ def compile_cmd(
 @app.command("submit")
 def submit_cmd(
     host: str = HOST,
-    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="compiled pipeline YAML "
-                                              "(default: compile now)"),
+    pipeline_file: Path | None = PIPELINE_FILE,
     data_revision: str | None = typer.Option(None, help="data/code revision recorded with the run "
                                              "(default: git HEAD)"),
     data_hash: str | None = typer.Option(None, help="DVC md5 of data/raw (default: from data.dvc)"),
@@ -365,8 +365,7 @@ def schedule_cmd(
     cron: str = typer.Option(..., "--cron", help="cron schedule; KFP form has seconds first (`0 0 3 * * *`), "
                              "a 5-field crontab gets 0 seconds"),
     name: str = typer.Option("rlhf-recurring", help="recurring run name (the key that makes this idempotent)"),
-    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="compiled pipeline YAML "
-                                              "(default: compile now)"),
+    pipeline_file: Path | None = PIPELINE_FILE,
     params: Path = PARAMS,
     profile: str | None = PROFILE,
     param: list[str] = PIPELINE_PARAM,
@@ -411,8 +410,7 @@ def retrain_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="--local: only stage lines and the summary"),
     data_revision: str | None = typer.Option(None, help="--host: revision recorded with the run "
                                              "(default: git HEAD)"),
-    pipeline_file: Path | None = typer.Option(None, "--pipeline", help="--host: compiled pipeline YAML "
-                                              "(default: compile now)"),
+    pipeline_file: Path | None = PIPELINE_FILE,
     experiment: str = EXPERIMENT,
     run_name: str | None = typer.Option(None, help="--host: display name (default: rlhf <revision> <time>)"),
     service_account: str | None = SERVICE_ACCOUNT,
