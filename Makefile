@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 IMAGE ?= ghcr.io/rlhf-project/rlhf:0.1.0
 
-.PHONY: help venv install data run repro test lint image clean
+.PHONY: help venv install data run repro test lint codegen image clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,8 +40,12 @@ repro: data  ## the same stages as DVC stages: dvc repro (skips what is unchange
 test: install  ## run the test suite
 	$(BIN)/pytest -q
 
-lint: install  ## ruff
+lint: install  ## ruff, and the files generated from the stage table are current
 	$(BIN)/ruff check .
+	$(BIN)/python -m rlhf.pipeline.codegen --check
+
+codegen: install  ## rewrite dvc.yaml and src/rlhf/pipeline/components.py from the stage table
+	$(BIN)/python -m rlhf.pipeline.codegen
 
 image:  ## build the components' container image (needs a Docker engine)
 	docker build -f components/Dockerfile -t $(IMAGE) .

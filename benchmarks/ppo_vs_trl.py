@@ -121,9 +121,9 @@ def worker_rloo(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
-    from rlhf import models
     from rlhf.config import ModelConfig
-    from rlhf.reward import score_texts
+    from rlhf.train import models
+    from rlhf.train.reward import score_texts
 
     torch.manual_seed(cfg["seed"])
     tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
@@ -226,9 +226,10 @@ def evaluate_policy(path: str | Path, sft: str | Path, reward: str | Path, promp
     """Gold, RM score and KL(policy || SFT) on ``prompts``: 16-token budget, temperature 0.7, fixed seeds."""
     import torch
 
-    from rlhf import demo, generation, models
     from rlhf.config import ModelConfig
-    from rlhf.reward import score_texts
+    from rlhf.data import demo
+    from rlhf.train import generation, models
+    from rlhf.train.reward import score_texts
 
     mc = ModelConfig(name="tiny", device="cpu")
     pol, tok = models.load_policy(path, mc, for_training=False)
@@ -251,11 +252,11 @@ def evaluate_policy(path: str | Path, sft: str | Path, reward: str | Path, promp
 
 
 def prepare_inputs(args) -> tuple[Path, Path, Path]:
-    from rlhf import demo
     from rlhf.config import ModelConfig, RewardConfig, SFTConfig
-    from rlhf.data import prepare
-    from rlhf.reward import train_reward
-    from rlhf.sft import train_sft
+    from rlhf.data import demo
+    from rlhf.data.prepare import prepare
+    from rlhf.train.reward import train_reward
+    from rlhf.train.sft import train_sft
 
     work = Path(args.work)
     ds = Path(args.dataset) if args.dataset else work / "dataset"
@@ -303,7 +304,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from rlhf.data import load_split
+    from rlhf.data.prepare import load_split
 
     ds, sft, rm = prepare_inputs(args)
     work = Path(args.work) / f"run-{args.size}"

@@ -27,10 +27,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def setup(work: Path, steps: int, batch: int):
     """Demo data -> prepared dataset -> tiny base model + an SFT model for the reward runs (cached in work)."""
-    from rlhf import demo, models
     from rlhf.config import ModelConfig, SFTConfig
-    from rlhf.data import dataset_texts, prepare
-    from rlhf.sft import train_sft
+    from rlhf.data import demo
+    from rlhf.data.prepare import dataset_texts, prepare
+    from rlhf.train import models
+    from rlhf.train.sft import train_sft
 
     ds = work / "dataset"
     if not ds.exists():
@@ -46,8 +47,8 @@ def setup(work: Path, steps: int, batch: int):
 
 def run_ours(kind: str, work: Path, steps: int, batch: int, lr: float, max_len: int) -> dict:
     from rlhf.config import RewardConfig, SFTConfig
-    from rlhf.reward import train_reward
-    from rlhf.sft import train_sft
+    from rlhf.train.reward import train_reward
+    from rlhf.train.sft import train_sft
 
     ds, mcfg, base, sft = setup(work, steps, batch)
     common = dict(max_steps=steps, batch_size=batch, lr=lr, max_seq_len=max_len, warmup_ratio=0.0, log_every=1000)
@@ -64,7 +65,7 @@ def run_trl(kind: str, work: Path, steps: int, batch: int, lr: float, max_len: i
     import pandas as pd
     from datasets import Dataset
 
-    from rlhf import models
+    from rlhf.train import models
 
     ds, mcfg, base, sft = setup(work, steps, batch)
     common = dict(output_dir=str(work / f"trl-{kind}"), max_steps=steps, per_device_train_batch_size=batch,

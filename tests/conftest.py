@@ -34,7 +34,7 @@ def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None,
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
-    from rlhf import demo
+    from rlhf.data import demo
 
     out = tmp_path_factory.mktemp("raw")
     demo.generate(out)
@@ -44,7 +44,7 @@ def demo_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset(demo_raw, tmp_path_factory) -> Path:
     from rlhf.config import PrepareConfig
-    from rlhf.data import prepare
+    from rlhf.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("ds") / "dataset"
     prepare(demo_raw, out, PrepareConfig(eval_fraction=0.12))
@@ -63,7 +63,7 @@ def tiny_cfg(tmp_path_factory):
 def sft_model(dataset, tiny_cfg, tmp_path_factory) -> Path:
     """A tiny SFT policy trained briefly on the demo data (shared by the stage, PPO and pipeline tests)."""
     from rlhf.config import SFTConfig
-    from rlhf.sft import train_sft
+    from rlhf.train.sft import train_sft
 
     os.environ["RLHF_TRACKING"] = "off"
     out = tmp_path_factory.mktemp("sft") / "policy"
@@ -74,7 +74,7 @@ def sft_model(dataset, tiny_cfg, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reward_model(dataset, sft_model, tiny_cfg, tmp_path_factory) -> Path:
     from rlhf.config import RewardConfig
-    from rlhf.reward import train_reward
+    from rlhf.train.reward import train_reward
 
     os.environ["RLHF_TRACKING"] = "off"
     out = tmp_path_factory.mktemp("rm") / "reward"

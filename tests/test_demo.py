@@ -6,7 +6,7 @@ import hashlib
 import json
 import statistics
 
-from rlhf import demo
+from rlhf.data import demo
 
 
 def _digest(d):

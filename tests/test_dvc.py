@@ -10,8 +10,8 @@ from pathlib import Path
 
 from conftest import ROOT, run_cli
 
-from rlhf import demo
-from rlhf.versioning import data_hash
+from rlhf.data import demo
+from rlhf.mlops.versioning import data_hash
 
 
 def _sh(*cmd, cwd):

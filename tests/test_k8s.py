@@ -524,8 +524,8 @@ def test_crd_templates_structure():
     gpus = trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
     assert gpus == trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
     cmd = trainer["command"] + trainer["args"]
-    # the multi-node entry point pipelines/multinode.py starts: python -m rlhf.steps job ... -- <torchrun flags>
-    assert cmd[:7] == ["python", "-m", "rlhf.steps", "job", "--stage", "ppo", "--scratch"]
+    # the multi-node entry point pipelines/multinode.py starts: python -m rlhf.pipeline.jobs job ... -- <torchrun flags>
+    assert cmd[:7] == ["python", "-m", "rlhf.pipeline.jobs", "job", "--stage", "ppo", "--scratch"]
     rendezvous = cmd[cmd.index("--") + 1 :]
     for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port"):
         assert any(a.startswith(flag + "=$(PET_") for a in rendezvous), flag
@@ -549,7 +549,7 @@ def test_crd_templates_structure():
         (c,) = pod["containers"]
         assert c["name"] == "pytorch", "the training operator requires the container name 'pytorch'"
         cmd = c["command"] + c["args"]
-        assert cmd[:7] == ["python", "-m", "rlhf.steps", "job", "--stage", "ppo", "--scratch"], rtype
+        assert cmd[:7] == ["python", "-m", "rlhf.pipeline.jobs", "job", "--stage", "ppo", "--scratch"], rtype
         rendezvous = cmd[cmd.index("--") + 1 :]
         assert "--node-rank=$(RANK)" in rendezvous and "--master-addr=$(MASTER_ADDR)" in rendezvous
         env = {e["name"]: e.get("value") for e in c["env"]}

@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 from test_registry import make_evaluation, make_policy, make_reward, one_torch_thread  # noqa: F401 (autouse)
 
-from rlhf import models, registry, tracking
 from rlhf.config import EvaluateConfig, ModelConfig, RegisterConfig, RewardConfig, SFTConfig
+from rlhf.mlops import registry, tracking
+from rlhf.train import models
 
 PG_PASSWORD = "pg-Secret-Passw0rd"
 
@@ -151,8 +152,8 @@ def test_tiny_pipeline_over_http_with_sqlite_backend(dataset, tmp_path, tracking
     import mlflow.transformers
 
     from rlhf.evaluate import evaluate
-    from rlhf.reward import train_reward
-    from rlhf.sft import train_sft
+    from rlhf.train.reward import train_reward
+    from rlhf.train.sft import train_sft
 
     root = tmp_path / "server"
     root.mkdir()
@@ -284,7 +285,7 @@ def test_registry_over_http_with_postgres_backend(postgres, dataset, tmp_path, t
     import mlflow
     import mlflow.transformers
 
-    from rlhf.data import dataset_texts
+    from rlhf.data.prepare import dataset_texts
 
     root = tmp_path / "server"
     root.mkdir()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import demo
-from rlhf import models as M
 from rlhf.config import ModelConfig
+from rlhf.data import demo
 from rlhf.errors import ConfigError, UserError
+from rlhf.train import models as M
 
 log = logging.getLogger(__name__)
 

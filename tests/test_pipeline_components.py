@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,10 @@ import yaml
 from conftest import ROOT
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
-sys.path.insert(0, str(ROOT))
-
-from components import stages as comps  # noqa: E402
-from rlhf import steps  # noqa: E402
+from rlhf.config import resolve
+from rlhf.data import remote as data_remote
 from rlhf.errors import ConfigError, ValidationFailed  # noqa: E402
+from rlhf.pipeline import dag, steps
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +23,7 @@ def _no_tracking(monkeypatch):
 
 @pytest.fixture(scope="module")
 def c():
-    return comps.build("example/rlhf:1")
+    return dag.build("example/rlhf:1")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def test_components_are_lightweight_and_self_contained(c):
         assert "pip install" not in " ".join(container.command), name
         # the body only uses what it imports itself (it runs alone in the container)
         src = comp.component_spec.implementation.container.command[-1]
-        assert "from rlhf import steps" in src, name
+        assert "from rlhf.pipeline import steps" in src, name
 
 
 def test_prepare_and_validate_bodies(c, demo_raw, tmp_path, params_yaml):
@@ -106,7 +104,7 @@ def test_prepare_body_fetches_the_dvc_version_without_git(c, demo_raw, tmp_path,
                           profile="", run_id="r", overrides={}, dataset=dataset, metrics=art(Metrics, tmp_path, "m"))
     assert (Path(dataset.path) / "prompts" / "eval.parquet").exists()
     with pytest.raises(Exception, match="not in the DVC remote"):
-        steps.fetch_raw("0" * 32, str(remote), tmp_path / "none")
+        data_remote.fetch_raw("0" * 32, str(remote), tmp_path / "none")
 
 
 def test_register_body_without_tracking_writes_a_receipt(c, tmp_path, params_yaml):
@@ -120,26 +118,27 @@ def test_register_body_without_tracking_writes_a_receipt(c, tmp_path, params_yam
     assert receipt["data_hash"] == "h" and "tracking is off" in receipt["reason"]
 
 
-def test_knobs_override_params_and_empty_means_unchanged(tmp_path, params_yaml):
-    assert steps.knob_overrides("sft", model_name="", lora="", max_steps=0) == {}
-    k = steps.knob_overrides("ppo", model_name="smollm2-135m", lora="true", total_steps=7, kl_coef=0.0,
-                             overrides={"ppo": {"lr": 1e-4}, "evaluate": {"n_prompts": 3}})
+def test_knobs_override_params_and_empty_means_unchanged(tmp_path, params_yaml, monkeypatch):
+    monkeypatch.delenv("RLHF_PROFILE", raising=False)  # an earlier component body set it, as in a pod
+    assert resolve.knob_overrides({"model_name": "", "lora": "", "sft_max_steps": 0}) == {}
+    k = resolve.merge_overrides({"ppo": {"lr": 1e-4}, "evaluate": {"n_prompts": 3}}, resolve.knob_overrides(
+        {"model_name": "smollm2-135m", "lora": "true", "ppo_total_steps": 7, "ppo_kl_coef": 0.0}))
     assert k == {"ppo": {"lr": 1e-4, "total_steps": 7, "kl_coef": 0.0}, "evaluate": {"n_prompts": 3},
                  "model": {"name": "smollm2-135m", "lora": True}}
-    assert steps.knob_overrides("sft", max_steps=5) == {"sft": {"max_steps": 5}}
+    assert resolve.knob_overrides({"sft_max_steps": 5}) == {"sft": {"max_steps": 5}}
     with pytest.raises(ConfigError, match="lora"):
-        steps.knob_overrides("sft", lora="maybe")
+        resolve.knob_overrides({"lora": "maybe"})
 
     from rlhf.config import ModelConfig, SFTConfig
 
-    p = steps.materialize_params(params_yaml, "tiny", tmp_path / "a")
-    assert steps.load_config(ModelConfig, "model", p, None).name == "tiny"
-    assert steps.load_config(SFTConfig, "sft", p, {"sft": {"max_steps": 5}}).max_steps == 5
-    p = steps.materialize_params(params_yaml, "none", tmp_path / "b")
+    p = resolve.RunConfig.from_text(params_yaml, profile="tiny").write(tmp_path / "a")
+    assert resolve.load_stage(ModelConfig, "model", p, None).name == "tiny"
+    assert resolve.load_stage(SFTConfig, "sft", p, {"max_steps": 5}).max_steps == 5
+    p = resolve.RunConfig.from_text(params_yaml, profile="none").write(tmp_path / "b")
     assert "profile" not in yaml.safe_load(p.read_text())
-    assert steps.load_config(ModelConfig, "model", p, None).name == yaml.safe_load(params_yaml)["model"]["name"]
+    assert resolve.load_stage(ModelConfig, "model", p, None).name == yaml.safe_load(params_yaml)["model"]["name"]
     with pytest.raises(ConfigError, match="unknown profile"):
-        steps.materialize_params(params_yaml, "nope", tmp_path / "c")
+        resolve.RunConfig.from_text(params_yaml, profile="nope")
 
 
 def test_gate_decision_reads_gate_json(tmp_path):

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from rlhf import pipeline_run as pr
+from rlhf.config import resolve
 from rlhf.errors import ConfigError
+from rlhf.pipeline import console, local, threads
 
 RUNNER_LINES = """\
 \x1b[0m01:00:00.000 - INFO - Executing task \x1b[96m'validate'\x1b[0m
@@ -27,7 +28,7 @@ Skipping task condition-branches-1: upstream task(s) ['validate'] failed.
 
 def test_console_turns_runner_output_into_stage_lines(tmp_path):
     out = io.StringIO()
-    c = pr.Console(tmp_path, out=out)
+    c = console.Console(tmp_path, out=out)
     c.write("01:00:00.000 - INFO - Executing task \x1b[96m'sft'\x1b[0m\n")
     for n in range(1, 301):
         c.write(f"    [KFP Executor 2026-01-01 01:00:01,000 INFO]: [sft] step {n}/300 loss=1.0\n")
@@ -45,7 +46,7 @@ def test_console_turns_runner_output_into_stage_lines(tmp_path):
 
 def test_console_reports_the_steps_own_error(tmp_path):
     out = io.StringIO()
-    c = pr.Console(tmp_path, out=out)
+    c = console.Console(tmp_path, out=out)
     c.write(RUNNER_LINES)
     c.close_logs()
     failed = c.failed
@@ -57,7 +58,7 @@ def test_console_reports_the_steps_own_error(tmp_path):
 
 def test_gate_skip_is_shown_as_register_skipped(tmp_path):
     out = io.StringIO()
-    c = pr.Console(tmp_path, out=out)
+    c = console.Console(tmp_path, out=out)
     c.write("Skipping conditional task condition-3 (condition evaluated to False)\n")  # the multi-node branch
     c.write("01:00:00.000 - INFO - Executing task 'evaluate'\n"
             "01:00:01.000 - INFO - Task 'evaluate' finished with status SUCCESS\n"
@@ -68,60 +69,57 @@ def test_gate_skip_is_shown_as_register_skipped(tmp_path):
 
 
 def test_parameters_and_overrides_from_the_command_line():
-    assert pr.parse_assignments(["a=1", "b=x", "c={k: v}", "d=", "e=[1, 2]"]) == \
+    assert resolve.parse_assignments(["a=1", "b=x", "c={k: v}", "d=", "e=[1, 2]"]) == \
         {"a": 1, "b": "x", "c": {"k": "v"}, "d": "", "e": [1, 2]}
-    assert pr.dotted_overrides(["sft.max_steps=5", "sft.lr=0.1", "ppo.kl_coef=0"]) == \
+    assert resolve.dotted_overrides(["sft.max_steps=5", "sft.lr=0.1", "ppo.kl_coef=0"]) == \
         {"sft": {"max_steps": 5, "lr": 0.1}, "ppo": {"kl_coef": 0}}
     with pytest.raises(ConfigError):
-        pr.parse_assignments(["novalue"])
+        resolve.parse_assignments(["novalue"])
     with pytest.raises(ConfigError):
-        pr.dotted_overrides(["nodot=1"])
+        resolve.dotted_overrides(["nodot=1"])
     with pytest.raises(ConfigError, match="unknown pipeline parameter"):
-        pr.check_parameters({"sft_max_step": 1}, {"sft_max_steps": 0})
+        local.check_parameters({"sft_max_step": 1}, {"sft_max_steps": 0})
 
 
 def test_threads_follow_the_machine_load(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(pr, "busy_cpus", lambda: 6.0)
-    n, note = pr.auto_threads()
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 6.0)
+    n, note = threads.auto_threads()
     assert n == 1 and "busy" in note
-    monkeypatch.setattr(pr, "busy_cpus", lambda: 0.0)
-    assert pr.auto_threads() == (None, "")
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 0.0)
+    assert threads.auto_threads() == (None, "")
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(pr, "busy_cpus", lambda: 6.0)
-    assert pr.auto_threads()[0] == 10
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 6.0)
+    assert threads.auto_threads()[0] == 10
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(pr, "busy_cpus", lambda: 9.0)
-    assert pr.auto_threads() == (None, ""), "the user's choice wins"
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 9.0)
+    assert threads.auto_threads() == (None, ""), "the user's choice wins"
 
 
 def test_busy_cpus_reads_the_runnable_count_without_itself(tmp_path):
     f = tmp_path / "loadavg"
     f.write_text("0.10 0.20 0.30 4/321 12345\n")  # 1-minute load 0.1, but 4 threads runnable right now
-    assert pr.busy_cpus(samples=3, interval=0, loadavg=str(f)) == 3.0
+    assert threads.busy_cpus(samples=3, interval=0, loadavg=str(f)) == 3.0
 
 
 def test_busy_cpus_sees_a_spinning_process():
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        assert pr.busy_cpus() >= 1, "a process spinning on a CPU is counted"
+        assert threads.busy_cpus() >= 1, "a process spinning on a CPU is counted"
     finally:
         spinner.kill()
         spinner.wait()
 
 
 def test_stage_names_of_kfp_tasks():
-    assert pr.stage_of("sft") == "sft" and pr.stage_of("sft-multinode") == "sft"
-    assert pr.stage_of("reward-multinode-2") == "reward" and pr.stage_of("evaluate-2") == "evaluate"
+    assert console.stage_of("sft") == "sft" and console.stage_of("sft-multinode") == "sft"
+    assert console.stage_of("reward-multinode-2") == "reward" and console.stage_of("evaluate-2") == "evaluate"
 
 
 def test_kfp_cron_and_pipeline_package(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(pr.project_root()))
-    from pipelines import client
+    from rlhf.pipeline import kfp_client as client
 
     assert client.kfp_cron("0 3 * * *") == "0 0 3 * * *"
     assert client.kfp_cron("0 0 3 * * *") == "0 0 3 * * *"
@@ -135,7 +133,7 @@ def test_kfp_cron_and_pipeline_package(tmp_path):
 
 def test_overrides_name_known_sections_and_fields():
     with pytest.raises(ConfigError, match="unknown section 'sfft'"):
-        pr.dotted_overrides(["sfft.max_steps=5"])
+        resolve.dotted_overrides(["sfft.max_steps=5"])
     with pytest.raises(ConfigError, match="unknown field.*ppo.klcoef"):
-        pr.dotted_overrides(["ppo.klcoef=0.1"])
-    assert pr.dotted_overrides(["register.model_name=x"]) == {"register": {"model_name": "x"}}
+        resolve.dotted_overrides(["ppo.klcoef=0.1"])
+    assert resolve.dotted_overrides(["register.model_name=x"]) == {"register": {"model_name": "x"}}

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import yaml
-from conftest import ROOT, run_cli
-
-sys.path.insert(0, str(ROOT))
+from conftest import run_cli
 
 GPU_TASKS = ("sft", "reward", "ppo", "evaluate")
 TRAINING = ("sft", "reward", "ppo")

@@ -20,10 +20,9 @@ import pytest
 import yaml
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
-
-from pipelines import multinode as mn  # noqa: E402
-from rlhf import steps  # noqa: E402
+from rlhf.data import remote
+from rlhf.pipeline import jobs, steps
+from rlhf.pipeline import multinode as mn
 
 GPU_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -75,7 +74,7 @@ def test_trainjob_matches_the_crd_and_the_repository_runtime(monkeypatch):
     assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "8"
     assert res["requests"]["memory"] == "128Gi" and res["requests"]["cpu"] == "16"
     cmd = trainer["command"] + trainer["args"]
-    assert cmd[:5] == ["python", "-m", "rlhf.steps", "job", "--stage"] and cmd[5] == "ppo"
+    assert cmd[:5] == ["python", "-m", "rlhf.pipeline.jobs", "job", "--stage"] and cmd[5] == "ppo"
     # the repository's template runs the same entry point with the same torchrun flags
     tpl = template["spec"]["trainer"]
     assert (tpl["command"], tpl["args"][:3]) == (trainer["command"], trainer["args"][:3])
@@ -258,7 +257,7 @@ def test_run_stage_job_stages_data_and_takes_the_jobs_output(tmp_path, monkeypat
 
 
 def test_job_entry_point_runs_the_cli_under_torchrun_and_uploads_from_node_0(tmp_path, monkeypatch):
-    """``python -m rlhf.steps job``: stage inputs, torchrun -m rlhf.cli <stage>, node 0 uploads."""
+    """``python -m rlhf.pipeline.jobs job``: stage inputs, torchrun -m rlhf.cli <stage>, node 0 uploads."""
     scratch = tmp_path / "store"
     for k in ("dataset", "sft"):
         (scratch / "inputs" / k).mkdir(parents=True)
@@ -273,7 +272,7 @@ def test_job_entry_point_runs_the_cli_under_torchrun_and_uploads_from_node_0(tmp
     argfile = tmp_path / "args.txt"
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "RLHF_TEST_ARGS": str(argfile),
            "PET_NODE_RANK": "0", "RLHF_JOB_WORKDIR": str(tmp_path / "work"), "PYTHONPATH": str(ROOT / "src")}
-    res = subprocess.run([sys.executable, "-m", "rlhf.steps", "job", "--stage", "reward", "--scratch", str(scratch),
+    res = subprocess.run([sys.executable, "-m", "rlhf.pipeline.jobs", "job", "--stage", "reward", "--scratch", str(scratch),
                           "--", "--nnodes=2", "--node-rank=0"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     args = argfile.read_text().split()
@@ -284,7 +283,7 @@ def test_job_entry_point_runs_the_cli_under_torchrun_and_uploads_from_node_0(tmp
     assert json.loads((scratch / "output" / "manifest.json").read_text())["kind"] == "reward-model"
 
     shutil.rmtree(scratch / "output")
-    res = subprocess.run([sys.executable, "-m", "rlhf.steps", "job", "--stage", "reward", "--scratch", str(scratch)],
+    res = subprocess.run([sys.executable, "-m", "rlhf.pipeline.jobs", "job", "--stage", "reward", "--scratch", str(scratch)],
                          env={**env, "PET_NODE_RANK": "1"}, capture_output=True, text=True)
     assert res.returncode == 0 and not (scratch / "output").exists(), "only node 0 uploads"
 
@@ -297,7 +296,7 @@ def test_torchrun_flags_match_the_cli():
 
     cmd = get_command(app)
     for stage in steps.TRAINING_STAGES:
-        args = steps.torchrun_args(stage, {k: f"/in/{k}" for k in steps.stage(stage).inputs}, "/out", "/p.yaml", [])
+        args = jobs.torchrun_args(stage, {k: f"/in/{k}" for k in steps.stage(stage).input_names}, "/out", "/p.yaml", [])
         opts = {o for p in cmd.commands[stage].params for o in p.opts}
         assert all(a in opts for a in args if a.startswith("--")), (stage, args)
 
@@ -308,9 +307,9 @@ def test_copy_tree_through_an_fsspec_object_store(tmp_path):
     (src / "critic").mkdir(parents=True)
     (src / "manifest.json").write_text("{}")
     (src / "critic" / "weights.bin").write_bytes(b"\x00\x01")
-    steps.copy_tree(str(src), "memory://bucket/runs/r1/ppo/output")
+    remote.copy_tree(str(src), "memory://bucket/runs/r1/ppo/output")
     back = tmp_path / "back"
-    steps.copy_tree("memory://bucket/runs/r1/ppo/output", str(back))
+    remote.copy_tree("memory://bucket/runs/r1/ppo/output", str(back))
     assert (back / "manifest.json").read_text() == "{}"
     assert (back / "critic" / "weights.bin").read_bytes() == b"\x00\x01"
     assert not (back / "output").exists(), "contents are copied, not the folder into itself"

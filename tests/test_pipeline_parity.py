@@ -7,19 +7,16 @@ sections, and every pipeline knob names a real config field.
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import yaml
 from conftest import ROOT
 from typer.main import get_command
 
-sys.path.insert(0, str(ROOT))
-
-from pipelines import rlhf_pipeline  # noqa: E402
-from rlhf import config as cfg  # noqa: E402
-from rlhf import steps  # noqa: E402
-from rlhf.cli import app  # noqa: E402
+from rlhf import config as cfg
+from rlhf.cli import app
+from rlhf.pipeline import dag as rlhf_pipeline
+from rlhf.pipeline import steps
 
 # CLI parameters that are not stage inputs (--champion-from-registry: where --champion comes from, like
 # the KFP component's compare_champion)
@@ -103,12 +100,12 @@ def test_kfp_dependencies_follow_the_stage_order(ir):
 def test_same_input_names_in_kfp_cli_and_dvc(ir, dvc, cli):
     comps = kfp_stage_components(ir)
     for s in steps.STAGES:
-        assert kfp_inputs(comps[s.name]) == set(s.inputs), s.name
-        assert s.output in comps[s.name]["outputDefinitions"]["artifacts"], s.name
-        assert cli_inputs(cli[s.name]) == set(s.inputs), s.name
+        assert kfp_inputs(comps[s.name]) == set(s.input_names), s.name
+        assert s.output.name in comps[s.name]["outputDefinitions"]["artifacts"], s.name
+        assert cli_inputs(cli[s.name]) == set(s.input_names), s.name
         if s.name in steps.TRAINING_STAGES:
             launcher = ir["components"][f"comp-{s.name}-multinode"]
-            assert kfp_inputs(launcher) == set(s.inputs), f"{s.name}-multinode"
+            assert kfp_inputs(launcher) == set(s.input_names), f"{s.name}-multinode"
             knobs = set(comps[s.name]["inputDefinitions"]["parameters"])
             assert knobs <= set(launcher["inputDefinitions"]["parameters"]), "launchers take the same knobs"
         if s.name not in dvc:
@@ -118,16 +115,16 @@ def test_same_input_names_in_kfp_cli_and_dvc(ir, dvc, cli):
         opts = {o: p.name for p in cli[s.name].params for o in p.opts}
         used = {opts[a] for a in cmd[2:] if a.startswith("--")}
         assert all(a in opts for a in cmd[2:] if a.startswith("--")), f"dvc.yaml {s.name}: unknown option"
-        assert set(s.inputs) - set(s.optional_inputs) <= used | {"raw"} and "out" in used, s.name
+        assert set(s.input_names) - set(s.optional_inputs) <= used | {"raw"} and "out" in used, s.name
 
 
 def test_same_config_sections(dvc):
     for s in steps.STAGES:
-        for section in s.sections:
+        for section in s.config_sections:
             assert SECTION_CLASSES.get(section) is not None, f"no config class for section {section}"
         if s.name in dvc:
             dvc_sections = set(dvc[s.name].get("params", [])) - {"profile", "profiles"}
-            assert dvc_sections == set(s.sections), (s.name, dvc_sections)
+            assert dvc_sections == set(s.config_sections), (s.name, dvc_sections)
 
 
 def test_pipeline_knobs_name_real_config_fields():
@@ -141,3 +138,12 @@ def test_pipeline_knobs_name_real_config_fields():
                     "gpu_tolerations", "train_cpu", "train_memory", "training_image", "training_namespace",
                     "job_kind", "scratch_url"}
     assert set(params) == set(KNOBS) | run_settings
+
+
+def test_generated_files_match_the_stage_table():
+    """dvc.yaml and the KFP components are generated from the stage table; the committed ones are current."""
+    from rlhf.pipeline import codegen
+
+    for path, text in codegen.generated().items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.name} is stale: run `make codegen`"
+    assert codegen.main(["--check"]) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT
 
-from rlhf import models
+from rlhf.train import models
 
 
 def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(dataset, sft_model, reward_model, tiny_cfg, tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.generation import truncate_after_eos
 from rlhf.ppo import loss as L
 from rlhf.ppo.trainer import AdaptiveKLController, FixedKLController, PromptStream
+from rlhf.train.generation import truncate_after_eos
 
 EOS, PAD = 2, 0
 
@@ -161,7 +161,7 @@ def test_entropy_of_uniform_logits():
 
 
 def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions():
-    from rlhf.generation import logprobs_and_entropy, logprobs_from_logits
+    from rlhf.train.generation import logprobs_and_entropy, logprobs_from_logits
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 50) * 3

@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from rlhf import models
 from rlhf.config import ModelConfig, PPOConfig
-from rlhf.data import load_split
+from rlhf.data.prepare import load_split
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo import distributed as D
@@ -25,6 +24,7 @@ from rlhf.ppo.rollout import (
     score_rollout,
 )
 from rlhf.ppo.trainer import load_models, minibatch_loss, ppo_update
+from rlhf.train import models
 
 os.environ["RLHF_TRACKING"] = "off"
 
@@ -102,7 +102,7 @@ def test_score_is_added_at_the_eos_index(experience):
 
 def test_reward_model_reads_the_eos_token(experience, full_models):
     """Hand-check each row: the RM score of exactly ``prompt + response up to EOS`` (no padding)."""
-    from rlhf.generation import Rollout
+    from rlhf.train.generation import Rollout
 
     _, norm, (_, _, _, rm, tok, _) = full_models
     exp = experience

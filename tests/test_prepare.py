@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from rlhf.config import PrepareConfig
-from rlhf.data import is_eval, prepare
+from rlhf.data.prepare import is_eval, prepare
 from rlhf.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""rlhf.registry: gated promotion, idempotent retries, rollback, lineage, loading by alias, the CLI.
+"""rlhf.mlops.registry: gated promotion, idempotent retries, rollback, lineage, loading by alias, the CLI.
 
 Real MLflow (SQLite file in a temporary directory), real tiny Hugging Face models (a tiny base
 with a few perturbed copies standing in for trained policies: registration does not care how
@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf import models, registry, tracking
 from rlhf.config import EvaluateConfig, ModelConfig, RegisterConfig
 from rlhf.errors import UserError
 from rlhf.evaluate import gate
 from rlhf.io import read_manifest, write_json, write_manifest
+from rlhf.mlops import registry, tracking
+from rlhf.train import models
 
 SECRET = "hf_" + "TopSecretRegistryToken" * 2
 DATA_HASH = "0123456789abcdef0123456789abcdef.dir"
@@ -85,7 +86,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_base(dataset, tmp_path_factory) -> Path:
-    from rlhf.data import dataset_texts
+    from rlhf.data.prepare import dataset_texts
 
     cfg = ModelConfig(name="tiny", cache_dir=str(tmp_path_factory.mktemp("tiny-cache")), device="cpu")
     return Path(models.resolve_base(cfg, dataset_texts(dataset)))
@@ -262,7 +263,7 @@ def test_loading_by_alias_generates_text(story, store):
     import mlflow
     import mlflow.transformers
 
-    from rlhf import generation
+    from rlhf.train import generation
 
     uri = f"models:/{store.cfg.model_name}@champion"
     pipe = mlflow.transformers.load_model(uri)

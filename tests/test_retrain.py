@@ -3,7 +3,7 @@
 Real MLflow (SQLite in a temporary directory), real DVC projects, the tiny profile.
 
 * Decisions: a champion registered by the register component's own body (the code a pipeline
-  step runs, knobs included), then :func:`rlhf.retrain.decide` for no champion / the same data
+  step runs, knobs included), then :func:`rlhf.mlops.retrain.decide` for no champion / the same data
   and params / new data / changed params / a champion from before the configuration tag.
 * The command: the one-line errors, ``--host`` against the fake KFP API of test_pipeline_client
   (nothing submitted when up to date; a run with the data version when not), ``--local`` starting
@@ -33,12 +33,11 @@ from kfp.dsl import Artifact, Metrics, Model
 from test_pipeline_client import TOKEN, compiled, kfp_server  # noqa: F401 (fixtures)
 from test_registry import make_evaluation, make_policy, make_reward, one_torch_thread, tiny_base  # noqa: F401
 
-from rlhf import demo, retrain, steps, tracking
+from rlhf.config import resolve
+from rlhf.data import demo
 from rlhf.errors import UserError
-
-sys.path.insert(0, str(ROOT))
-
-from components import stages as comps  # noqa: E402
+from rlhf.mlops import retrain, tracking
+from rlhf.pipeline import dag
 
 DATA_HASH = "0123456789abcdef0123456789abcdef.dir"
 NEW_HASH = "fedcba9876543210fedcba9876543210.dir"
@@ -90,7 +89,7 @@ def store(tiny_base, dataset, tmp_path_factory):  # noqa: F811
         policy = make_policy(root / "policy", tiny_base, seed=0, dataset=dataset)
         make_evaluation(root / "evaluation", policy, tiny_base, reward, gold=1.0)
         registration = Artifact(name="registration", uri=str(root / "registration"))
-        comps.build("example/rlhf:1").register.python_func(
+        dag.build("example/rlhf:1").register.python_func(
             policy=Model(name="policy", uri=str(policy)), reward_model=Model(name="reward", uri=str(reward)),
             evaluation=Artifact(name="evaluation", uri=str(root / "evaluation")), params_yaml=params.read_text(),
             profile="tiny", run_id="retrain-run-1", overrides={}, registered_model_name="", data_hash=DATA_HASH,
@@ -116,7 +115,7 @@ def test_the_champion_records_the_configuration_it_was_trained_with(store):
     _, fp, _ = retrain.run_config(store.params, knobs=KNOBS)
     assert tags["pipeline_config_hash"] == fp["hash"] and len(fp["hash"]) == 16
     assert json.loads(tags["pipeline_config_sections"]) == fp["sections"]
-    assert set(fp["sections"]) == set(steps.FINGERPRINT_SECTIONS)
+    assert set(fp["sections"]) == set(resolve.FINGERPRINT_SECTIONS)
     assert tags["data_hash"] == DATA_HASH
     assert tags["params_hash"], "the policy's own params hash is still there"
 
@@ -199,11 +198,11 @@ def test_fingerprint_redacts_secrets_and_leaves_out_register(tmp_path):
         name="https://alice:S3cretPassw0rd@models.example.com/tiny"))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RLHF_PROFILE", raising=False)
-        cfg = steps.pipeline_config(params)
-    assert list(cfg) == list(steps.FINGERPRINT_SECTIONS) and "register" not in cfg
+        cfg = resolve.RunConfig.from_file(params).resolved()
+    assert list(cfg) == list(resolve.FINGERPRINT_SECTIONS) and "register" not in cfg
     text = json.dumps(cfg)
     assert "S3cretPassw0rd" not in text and "https://***@models.example.com/tiny" in text
-    assert steps.pipeline_overrides({"ppo": {"lr": 0.1}}, {"ppo_total_steps": 2, "lora": False, "num_nodes": 3}) == \
+    assert resolve.merge_overrides({"ppo": {"lr": 0.1}}, resolve.knob_overrides({"ppo_total_steps": 2, "lora": False, "num_nodes": 3})) == \
         {"ppo": {"lr": 0.1, "total_steps": 2}, "model": {"lora": False}}
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from rlhf import generation, models
 from rlhf.config import EvaluateConfig, ModelConfig
 from rlhf.evaluate import evaluate, gate, text_stats
-from rlhf.sft import collate, encode
+from rlhf.train import generation, models
+from rlhf.train.sft import collate, encode
 
 
 def test_sft_lowers_eval_loss(sft_model):

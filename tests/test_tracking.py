@@ -1,4 +1,4 @@
-"""rlhf.tracking: parent/nested runs, lineage tags, redaction, fail-fast, buffering during an outage.
+"""rlhf.mlops.tracking: parent/nested runs, lineage tags, redaction, fail-fast, buffering during an outage.
 
 Real MLflow on a SQLite file in a temporary directory (no server; the HTTP server is exercised in
 test_mlflow_server.py). No models are trained here.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from rlhf import tracking
 from rlhf.config import EvaluateConfig, ModelConfig
 from rlhf.errors import UserError
+from rlhf.mlops import tracking
 
 SECRET = "hf_" + "S3cr3tT0kenValue" * 3
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli
 
 from rlhf.config import ValidateConfig
+from rlhf.data.validate import validate
 from rlhf.errors import ValidationFailed
-from rlhf.validate import validate
 
 
 def test_demo_dataset_passes(dataset, tmp_path):

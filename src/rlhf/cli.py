@@ -7,6 +7,7 @@ and exit non-zero; see :mod:`rlhf.errors`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import click
 import typer
 
 from rlhf.errors import UserError
+from rlhf.pipeline.stages import CHAMPION, STAGES, Stage
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -38,7 +40,7 @@ def demo_data_cmd(
     seed: int = typer.Option(0, help="generator seed (the committed data.dvc uses 0)"),
 ):
     """Generate the bundled demo data set (deterministic: same bytes every time)."""
-    from rlhf import demo
+    from rlhf.data import demo
 
     counts = demo.generate(out, seed=seed)
     _print_metrics(f"demo data written to {out}", counts)
@@ -49,142 +51,55 @@ def fetch_data_cmd(
     target: Path = typer.Option(Path("data.dvc"), help="the DVC pointer file of the raw data"),
 ):
     """Get data/raw on a fresh clone: dvc pull, or regenerate the demo data and check its hash."""
-    from rlhf import versioning
+    from rlhf.mlops import versioning
 
     typer.echo(versioning.fetch_data(target))
 
 
-@app.command("prepare")
-def prepare_cmd(
-    raw: Path = typer.Option(Path("data/raw"), help="raw data: a JSONL/JSON file or a directory of them"),
-    out: Path = typer.Option(Path("artifacts/dataset"), help="output dataset directory"),
-    params: Path = PARAMS,
-):
-    """Read raw data (JSONL, chat messages, HH-RLHF) into deduplicated Parquet train/eval splits."""
-    from rlhf.config import PrepareConfig, load_stage
-    from rlhf.data import prepare
-
-    cfg = load_stage(PrepareConfig, "prepare", params)
-    _print_metrics(f"prepared {out}", prepare(raw, out, cfg))
+# ---------------------------------------------------------------------------- the stage commands
 
 
-@app.command("validate")
-def validate_cmd(
-    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
-    out: Path = typer.Option(Path("artifacts/validation"), help="where the report is written"),
-    params: Path = PARAMS,
-):
-    """Check the prepared dataset with Great Expectations; fail before training on any violation."""
-    from rlhf.config import ValidateConfig, load_stage
-    from rlhf.validate import validate
+def _stage_command(s: Stage):
+    """``rlhf <stage>``: options from the stage table, then :func:`rlhf.pipeline.steps.run_stage`."""
 
-    cfg = load_stage(ValidateConfig, "validate", params)
-    _print_metrics(f"validation passed, report in {out}", validate(dataset, out, cfg))
+    def command(**kw):
+        from rlhf.config.resolve import RunConfig
+        from rlhf.pipeline.steps import run_stage
 
+        params, out = kw.pop("params"), kw.pop("out")
+        run = RunConfig.from_file(params, missing_ok=True)
+        inputs = {i.name: kw.pop(i.name) for i in s.inputs}
+        if kw.pop("champion_from_registry", False):
+            if inputs.get("champion") is not None:
+                raise UserError("give either --champion DIR or --champion-from-registry, not both",
+                                where=f"rlhf {s.name}")
+            inputs["champion"] = CHAMPION
+        run_id = kw.pop("pipeline_run_id", None) or ""
+        if out is None:
+            raise UserError("--out is required", where=f"rlhf {s.name}")
+        metrics = run_stage(s.name, inputs, out, run, run_id=run_id)
+        if int(os.environ.get("RANK", "0")) == 0:
+            line = s.done_line(str(out), metrics)
+            typer.echo(line if s.output.file else f"{line}: " + json.dumps(metrics, sort_keys=True, default=str))
 
-@app.command("sft")
-def sft_cmd(
-    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
-    out: Path = typer.Option(Path("artifacts/sft"), help="output policy directory"),
-    params: Path = PARAMS,
-):
-    """Supervised fine-tuning of the policy on the demonstrations (loss on response tokens only)."""
-    from rlhf.config import ModelConfig, SFTConfig, load_stage
-    from rlhf.sft import train_sft
+    def option(name, annotation, default, flags, help, envvar=None):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, *flags, help=help, envvar=envvar))
 
-    metrics = train_sft(dataset, out, load_stage(SFTConfig, "sft", params), load_stage(ModelConfig, "model", params))
-    _print_metrics(f"SFT policy written to {out}", metrics)
-
-
-@app.command("reward")
-def reward_cmd(
-    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
-    sft: Path = typer.Option(Path("artifacts/sft"), help="SFT policy to initialise from"),
-    out: Path = typer.Option(Path("artifacts/reward"), help="output reward-model directory"),
-    params: Path = PARAMS,
-):
-    """Train the scalar reward model on the preference pairs (Bradley-Terry loss)."""
-    from rlhf.config import ModelConfig, RewardConfig, load_stage
-    from rlhf.reward import train_reward
-
-    metrics = train_reward(dataset, sft, out, load_stage(RewardConfig, "reward", params),
-                           load_stage(ModelConfig, "model", params))
-    _print_metrics(f"reward model written to {out}", metrics)
+    params = [option(i.name, Path | None if i.optional else Path, Path(i.default) if i.default else None,
+                     i.flags, i.help) for i in s.inputs]
+    params += [option(o.name, o.type | None if o.default is None else o.type, o.default, o.flags, o.help,
+                      o.envvar) for o in s.options]
+    params += [option("out", Path, Path(s.output.default), ("--out",), s.output.help),
+               inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=PARAMS)]
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = s.help
+    command.__name__ = f"{s.name}_cmd"
+    return command
 
 
-@app.command("ppo")
-def ppo_cmd(
-    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory (train prompts)"),
-    sft: Path = typer.Option(Path("artifacts/sft"), "--sft", "--sft-model",
-                             help="SFT policy to start from (and the KL reference)"),
-    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", "--reward-model", help="reward model"),
-    out: Path = typer.Option(Path("artifacts/ppo"), help="output policy directory (+ critic/)"),
-    params: Path = PARAMS,
-):
-    """PPO against the reward model; resumes from <out>.checkpoints. Multi-GPU: torchrun -m rlhf.cli ppo."""
-    from rlhf.config import ModelConfig, PPOConfig, load_stage
-    from rlhf.ppo import train_ppo
-
-    metrics = train_ppo(dataset, sft, reward_model, out, load_stage(PPOConfig, "ppo", params),
-                        load_stage(ModelConfig, "model", params))
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_metrics(f"PPO policy written to {out}", metrics)
-
-
-@app.command("evaluate")
-def evaluate_cmd(
-    dataset: Path = typer.Option(Path("artifacts/dataset"), help="prepared dataset directory"),
-    policy: Path = typer.Option(Path("artifacts/ppo"), help="candidate policy"),
-    baseline: Path = typer.Option(Path("artifacts/sft"), help="baseline policy (the SFT policy)"),
-    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", help="reward model"),
-    champion: Path | None = typer.Option(None, help="current champion policy directory, if any"),
-    champion_from_registry: bool = typer.Option(
-        False, "--champion-from-registry",
-        help="compare with models:/<register.model_name>@champion when there is one (what `dvc repro` does)"),
-    out: Path = typer.Option(Path("artifacts/evaluation"), help="where metrics, report and gate go"),
-    params: Path = PARAMS,
-):
-    """Sample from the candidate, the SFT baseline (and champion); gold/RM/KL metrics, report, gate."""
-    from rlhf.config import EvaluateConfig, ModelConfig, RegisterConfig, load_stage
-    from rlhf.evaluate import evaluate
-
-    if champion_from_registry:
-        if champion is not None:
-            raise UserError("give either --champion DIR or --champion-from-registry, not both", where="rlhf evaluate")
-        from rlhf import registry
-
-        champion = registry.champion_dir(load_stage(RegisterConfig, "register", params))  # None: no champion yet
-    metrics = evaluate(dataset, policy, baseline, reward_model, out, load_stage(EvaluateConfig, "evaluate", params),
-                       load_stage(ModelConfig, "model", params), champion=champion)
-    gate = "PASSED" if metrics["gate_passed"] else "FAILED"
-    _print_metrics(f"evaluation in {out} (gate {gate}, report {out / 'report.html'})", metrics)
-
-
-@app.command("register")
-def register_cmd(
-    policy: Path = typer.Option(Path("artifacts/ppo"), help="the evaluated policy"),
-    reward_model: Path = typer.Option(Path("artifacts/reward"), "--reward", help="its reward model"),
-    evaluation: Path = typer.Option(Path("artifacts/evaluation"), help="the evaluation (gate.json) of the policy"),
-    pipeline_run_id: str | None = typer.Option(None, envvar="RLHF_PIPELINE_RUN_ID",
-                                               help="retries with the same id never create a second version"),
-    out: Path | None = typer.Option(Path("artifacts/registration.json"), help="receipt (JSON) of what happened"),
-    params: Path = PARAMS,
-):
-    """Register the policy (+ reward model) in MLflow: alias challenger; champion only if the gate passed."""
-    from rlhf.config import RegisterConfig, load_stage
-    from rlhf.io import write_json
-    from rlhf.registry import register
-    from rlhf.steps import config_fingerprint
-
-    result = register(policy, reward_model, evaluation, load_stage(RegisterConfig, "register", params),
-                      pipeline_run_id=pipeline_run_id, config_fingerprint=config_fingerprint(params))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, result)
-    state = f"champion -> v{result['version']}" if result["promoted"] else \
-        f"champion stays {('v' + str(result['champion'])) if result['champion'] else 'unset'}"
-    typer.echo(f"{result['model_name']} v{result['version']} ({'new' if result['created'] else 'existing'}, "
-               f"aliases: {', '.join(result['aliases']) or '-'}); {state}: {result['decision']}")
+for _s in STAGES:
+    app.command(_s.name)(_stage_command(_s))
 
 
 models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, rollback, generate.")
@@ -204,7 +119,7 @@ MODEL_NAME = typer.Option(None, "--name", help="registered model name (default: 
 def models_list_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME,
                     as_json: bool = typer.Option(False, "--json", help="print JSON rows")):
     """Versions with aliases, gate, key metrics, data hash and pipeline run (newest first)."""
-    from rlhf import registry
+    from rlhf.mlops import registry
 
     cfg = _register_cfg(params, name)
     rows = registry.list_versions(cfg)
@@ -216,7 +131,7 @@ def models_promote_cmd(version: int = typer.Argument(..., help="version to make 
                        reason: str = typer.Option(..., "--reason", help="why (recorded as a tag)"),
                        params: Path = PARAMS, name: str | None = MODEL_NAME):
     """Make a version the champion by hand (the reason is recorded)."""
-    from rlhf import registry
+    from rlhf.mlops import registry
 
     typer.echo(registry.promote(version, reason, _register_cfg(params, name))["message"])
 
@@ -225,7 +140,7 @@ def models_promote_cmd(version: int = typer.Argument(..., help="version to make 
 def models_rollback_cmd(reason: str | None = typer.Option(None, "--reason", help="why (recorded as a tag)"),
                         params: Path = PARAMS, name: str | None = MODEL_NAME):
     """Move champion back to the previous champion."""
-    from rlhf import registry
+    from rlhf.mlops import registry
 
     typer.echo(registry.rollback(_register_cfg(params, name), reason)["message"])
 
@@ -238,7 +153,7 @@ def models_generate_cmd(prompt: str = typer.Argument(..., help="the user's messa
                         seed: int | None = typer.Option(None, help="sampling seed (default: register.seed)"),
                         params: Path = PARAMS, name: str | None = MODEL_NAME):
     """Load models:/<name>@champion from MLflow and print a completion of the prompt."""
-    from rlhf import registry
+    from rlhf.mlops import registry
 
     typer.echo(registry.generate(prompt, _register_cfg(params, name), alias=alias, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed))
@@ -247,7 +162,7 @@ def models_generate_cmd(prompt: str = typer.Argument(..., help="the user's messa
 @models_app.command("champion-path")
 def models_champion_path_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME):
     """Download the champion policy (cached) and print its directory, for evaluate --champion; empty if none."""
-    from rlhf import registry
+    from rlhf.mlops import registry
 
     path = registry.champion_dir(_register_cfg(params, name))
     typer.echo(str(path) if path else "")
@@ -285,27 +200,29 @@ def run_cmd(
                                        "fastest for the tiny model on a busy machine"),
 ):
     """Run the whole pipeline here with the KFP local runner (CPU, demo data); prints a summary."""
-    from rlhf import pipeline_run
+    from rlhf.config import resolve
+    from rlhf.pipeline import local as pipeline_run
 
     result = pipeline_run.run_local(raw=raw, params=params, profile=profile, runs_dir=runs_dir,
-                                    parameters=pipeline_run.parse_assignments(param),
-                                    overrides=pipeline_run.dotted_overrides(set_fields), verbose=verbose,
+                                    parameters=resolve.parse_assignments(param),
+                                    overrides=resolve.dotted_overrides(set_fields), verbose=verbose,
                                     quiet=quiet, threads=threads)
     typer.echo(pipeline_run.format_summary(result))
 
 
 def _kfp_call(fn, *args, **kwargs):
-    from rlhf import pipeline_run
+    from rlhf.pipeline import remote
 
-    return pipeline_run.kfp_call(fn, *args, **kwargs)
+    return remote.kfp_call(fn, *args, **kwargs)
 
 
 def _run_parameters(params: Path, profile: str | None, param: list[str], set_fields: list[str],
                     data_revision: str | None, data_hash: str | None) -> dict:
-    from rlhf import pipeline_run
+    from rlhf.config import resolve
+    from rlhf.pipeline import remote
 
-    return pipeline_run.run_parameters(params, profile, pipeline_run.parse_assignments(param),
-                                       pipeline_run.dotted_overrides(set_fields), data_revision, data_hash)
+    return remote.run_parameters(params, profile, resolve.parse_assignments(param),
+                                       resolve.dotted_overrides(set_fields), data_revision, data_hash)
 
 
 @app.command("compile")
@@ -316,10 +233,7 @@ def compile_cmd(
     params: Path = PARAMS,
 ):
     """Compile the pipeline to KFP YAML (IR + Kubernetes platform spec): the deployable artifact."""
-    from rlhf import pipeline_run
-
-    pipeline_run.import_pipelines()
-    from pipelines import rlhf_pipeline
+    from rlhf.pipeline import dag as rlhf_pipeline
 
     text = params.read_text(encoding="utf-8") if params.exists() else ""
     path = rlhf_pipeline.compile_pipeline(out, image=image, gpu_image=gpu_image, params_yaml=text)
@@ -350,10 +264,10 @@ def submit_cmd(
                                              "decision) to this file, e.g. $GITHUB_STEP_SUMMARY"),
 ):
     """Create a run of the pipeline on a Kubeflow Pipelines endpoint (token from $KFP_TOKEN)."""
-    from rlhf import pipeline_run
+    from rlhf.pipeline import remote
 
     values = _run_parameters(params, profile, param, set_fields, data_revision, data_hash)
-    pipeline_run.submit_remote(host, values, pipeline_file=pipeline_file, image=image, gpu_image=gpu_image,
+    remote.submit_remote(host, values, pipeline_file=pipeline_file, image=image, gpu_image=gpu_image,
                                experiment=experiment, run_name=run_name, service_account=service_account,
                                namespace=namespace, wait=wait, poll=poll, timeout=timeout,
                                summary_file=summary_file, echo=typer.echo)
@@ -378,8 +292,9 @@ def schedule_cmd(
     gpu_image: str | None = GPU_IMAGE_OPT,
 ):
     """Create or update the recurring run (max concurrency 1, no catch-up); running it again changes nothing."""
+    from rlhf.pipeline import kfp_client as kfp
+
     values = _run_parameters(params, profile, param, set_fields, None, data_hash)
-    from pipelines import client as kfp
 
     spec = kfp.compiled_spec(pipeline_file, image=image, gpu_image=gpu_image, params_yaml=values["params_yaml"])
     api = kfp.KfpClient(host, namespace=namespace)
@@ -430,7 +345,8 @@ def retrain_cmd(
     once recorded: after adding them to data/raw run `dvc add data/raw` (then `dvc push` and commit
     data.dvc); unrecorded changes in data/raw stop the command with that advice.
     """
-    from rlhf import pipeline_run, retrain
+    from rlhf.config import resolve
+    from rlhf.mlops import retrain
 
     if local and host:
         raise UserError("choose one of --local and --host")
@@ -439,7 +355,7 @@ def retrain_cmd(
                         "Pipelines)", hint="--dry-run with either only prints the decision")
     retrain.retrain(
         mode="local" if local else "host", params=params, profile=profile,
-        parameters=pipeline_run.parse_assignments(param), overrides=pipeline_run.dotted_overrides(set_fields),
+        parameters=resolve.parse_assignments(param), overrides=resolve.dotted_overrides(set_fields),
         dvc_file=dvc_file, data_hash=data_hash or None, force=force, dry_run=dry_run, summary_file=summary_file,
         local_options={"runs_dir": runs_dir, "threads": threads, "verbose": verbose, "quiet": quiet},
         host=host, data_revision=data_revision, echo=typer.echo,
@@ -448,12 +364,12 @@ def retrain_cmd(
                         "namespace": namespace, "wait": wait, "poll": poll, "timeout": timeout})
 
 
-TORCH_STAGES = {"sft", "reward", "ppo", "evaluate"}  # the commands that compute with torch
+TORCH_STAGES = {s.name for s in STAGES if s.gpu}  # the commands that compute with torch
 
 
 def _threads_for_this_machine() -> None:
     """On a busy machine fewer torch threads (OMP_NUM_THREADS, set before torch is imported), as `rlhf run` does."""
-    from rlhf.pipeline_run import auto_threads
+    from rlhf.pipeline.threads import auto_threads
 
     n, note = auto_threads()
     if n:

@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from rlhf import demo, generation, models, tracking
 from rlhf.config import EvaluateConfig, ModelConfig
-from rlhf.data import load_split
+from rlhf.data import demo
+from rlhf.data.prepare import load_split
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
-from rlhf.reward import score_texts
-from rlhf.training import set_seed
+from rlhf.mlops import tracking
+from rlhf.train import generation, models
+from rlhf.train.loop import set_seed
+from rlhf.train.reward import score_texts
 
 log = logging.getLogger("rlhf")
 

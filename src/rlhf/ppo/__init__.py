@@ -7,7 +7,7 @@ scoring experience), :mod:`rlhf.ppo.trainer` (the loop), :mod:`rlhf.ppo.checkpoi
 Where each checklist item is decided (defaults in :class:`rlhf.config.PPOConfig`):
 
 ==  ===========================================================================================
- 1  pad != EOS: enforced by :func:`rlhf.models.load_tokenizer` and again by
+ 1  pad != EOS: enforced by :func:`rlhf.train.models.load_tokenizer` and again by
     :func:`rollout.check_special_tokens` before training.
  2  prompts left-padded; forward passes use ``cumsum(mask) - 1`` positions; ``generate`` gets none.
  3  fixed budgets ``max_prompt_len`` (prompts cut from the left) and ``max_new_tokens``.
@@ -18,7 +18,7 @@ Where each checklist item is decided (defaults in :class:`rlhf.config.PPOConfig`
  7  old log-probs come from a forward pass of the same function the update uses, so the first
     minibatch has ratio 1 and clip fraction 0 (a unit test; logged as ``first_ratio_mean``).
  8  the reward model reads ``prompt + response`` at its last real token: the EOS.
- 9  reward head init std 1/sqrt(hidden+1), bias 0 (:func:`rlhf.models.init_score_head`).
+ 9  reward head init std 1/sqrt(hidden+1), bias 0 (:func:`rlhf.train.models.init_score_head`).
 10  scores normalised with the reward model's ``reward_norm`` (mean/std of its scores of SFT
     demonstrations); optional clip ``score_clip``.
 11  ``missing_eos_penalty`` (1.0, in normalised units) subtracted when no EOS; EOS rate logged.

@@ -2,7 +2,7 @@
 
 One call of :func:`make_experience` is the "collect" half of a PPO step:
 
-1. sample one response per prompt from the policy (:func:`rlhf.generation.sample`: chat template,
+1. sample one response per prompt from the policy (:func:`rlhf.train.generation.sample`: chat template,
    prompts cut from the left and left-padded, KV cache, ``do_sample=True, top_k=0, top_p=1``,
    temperature, fixed response budget, everything after the first EOS padded and masked;
    checklist 2-6);
@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf import demo, generation, models
+from rlhf.data import demo
 from rlhf.errors import UserError
 from rlhf.ppo import loss as L
+from rlhf.train import generation, models
 
 
 def check_special_tokens(tokenizer, where: str = "policy tokenizer") -> None:
@@ -42,7 +43,7 @@ def check_special_tokens(tokenizer, where: str = "policy tokenizer") -> None:
         raise UserError(f"the {where} has no EOS token", hint="use a tokenizer with an end-of-turn token")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"the {where} uses EOS as its pad token (or has none)",
-                        hint="EOS would be masked as padding; load it with rlhf.models.load_tokenizer")
+                        hint="EOS would be masked as padding; load it with rlhf.train.models.load_tokenizer")
     if tokenizer.padding_side != "left":
         raise UserError(f"the {where} pads on the {tokenizer.padding_side}; generation needs left padding")
 
@@ -198,7 +199,7 @@ def score_rollout(reward_model: nn.Module, rollout: generation.Rollout, forward_
     """Raw reward-model scores, (B,), read at each row's last real token: the EOS (checklist 8).
 
     The input is exactly ``prompt + response`` up to and including EOS; the padding after EOS has
-    mask 0, so :func:`rlhf.models.reward_scores` reads the EOS position. ``texts_scorer`` is the
+    mask 0, so :func:`rlhf.train.models.reward_scores` reads the EOS position. ``texts_scorer`` is the
     fallback when the reward model has another tokenizer (decode, re-encode, score).
     """
     if texts_scorer is not None:

@@ -13,7 +13,7 @@ Per step (``total_steps`` of them), on every rank:
    eps 1e-5 and one lr-schedule step per PPO step (checklist 20, 23);
 4. the KL controller sees the batch's mean sequence KL (fixed beta, or adaptive towards
    ``kl_target``; checklist 15);
-5. metrics through :mod:`rlhf.tracking` and a progress line (25); a checkpoint every
+5. metrics through :mod:`rlhf.mlops.tracking` and a progress line (25); a checkpoint every
    ``checkpoint_every`` steps (:mod:`rlhf.ppo.checkpoint`).
 
 Models: the policy starts from the SFT policy (full fine-tuning, or a fresh LoRA adapter on the
@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from rlhf import generation, models, tracking
 from rlhf.config import ModelConfig, PPOConfig
 from rlhf.errors import ConfigError, UserError
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
+from rlhf.mlops import tracking
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo import distributed as D
 from rlhf.ppo import loss as L
@@ -56,7 +56,8 @@ from rlhf.ppo.rollout import (
     unwrap,
     zero_value_head,
 )
-from rlhf.training import fmt_duration, make_scheduler, set_seed
+from rlhf.train import generation, models
+from rlhf.train.loop import fmt_duration, make_scheduler, set_seed
 
 log = logging.getLogger("rlhf")
 
@@ -139,7 +140,7 @@ def train_prompts(dataset: str | Path) -> list[str]:
 
         # ParquetFile.read, not read_table: the latter imports pandas to parse the file's pandas metadata
         return pq.ParquetFile(path).read(columns=["prompt"]).column("prompt").to_pylist()
-    from rlhf.data import load_split  # raises the usual "run the prepare stage first" error
+    from rlhf.data.prepare import load_split  # raises the usual "run the prepare stage first" error
 
     return load_split(dataset, "prompts", "train")["prompt"].tolist()
 
@@ -464,7 +465,7 @@ def _train(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
                                 cfg.rollout_batch_size)
             scorer = None
             if not same_vocab:
-                from rlhf.reward import score_texts
+                from rlhf.train.reward import score_texts
 
                 def scorer(texts, _p=batch):
                     return score_texts(rm, rm_tok, _p, texts, rm_max_len, cfg.forward_batch_size)

@@ -24,11 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from rlhf import tracking
 from rlhf.config import ValidateConfig
-from rlhf.data import COLUMNS, KINDS, load_split
+from rlhf.data.prepare import COLUMNS, KINDS, load_split
 from rlhf.errors import ValidationFailed
 from rlhf.io import atomic_dir, write_json, write_manifest
+from rlhf.mlops import tracking
 
 TEXT_COLUMNS = {"sft": ["prompt", "response"], "preferences": ["prompt", "chosen", "rejected"],
                 "prompts": ["prompt"]}

@@ -226,7 +226,7 @@ def compiled_spec(pipeline_file: str | Path | None, *, image: str | None = None,
     """The run's pipeline spec: a given compiled file, or the pipeline compiled now."""
     if pipeline_file:
         return load_pipeline_package(pipeline_file)
-    from pipelines import rlhf_pipeline
+    from rlhf.pipeline import dag as rlhf_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = rlhf_pipeline.compile_pipeline(Path(tmp) / "pipeline.yaml", image=image, gpu_image=gpu_image,

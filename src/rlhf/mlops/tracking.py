@@ -2,7 +2,7 @@
 
 Stages call :func:`stage_run` and log through the :class:`Tracker` it yields;
 nothing else in the package imports mlflow for tracking (the model registry,
-:mod:`rlhf.registry`, builds on the connection made here).
+:mod:`rlhf.mlops.registry`, builds on the connection made here).
 
 * Tracking URI: ``MLFLOW_TRACKING_URI``, default a SQLite file ``mlflow.db`` in
   the current directory (run artifacts in ``./mlruns``). Browse it with
@@ -197,7 +197,7 @@ def data_hash() -> str | None:
         return os.environ[ENV_DATA_HASH]
     if Path("data.dvc").is_file():
         try:
-            from rlhf.versioning import data_hash as dvc_hash
+            from rlhf.mlops.versioning import data_hash as dvc_hash
 
             return dvc_hash("data.dvc") or None
         except Exception:  # a malformed pointer file must not stop training; it just goes unrecorded

@@ -8,14 +8,9 @@ naming the file, the key and what is expected.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from rlhf.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StageConfig(BaseModel):
@@ -176,7 +171,7 @@ class PPOConfig(StageConfig):
 
 
 class RegisterConfig(StageConfig):
-    """Model registry (MLflow): names, promotion rules, and ``rlhf models`` defaults (see ``rlhf.registry``)."""
+    """Model registry (MLflow): names, promotion rules, and ``rlhf models`` defaults (see ``rlhf.mlops.registry``)."""
 
     model_name: str = Field("rlhf-policy", min_length=1, description="registered model name of the policy")
     reward_model_name: str = Field("rlhf-reward-model", min_length=1,
@@ -199,79 +194,5 @@ class RegisterConfig(StageConfig):
     seed: int = 0
 
 
-C = TypeVar("C", bound=StageConfig)
-
-
-def _format_error(err: ValidationError, source: str, section: str) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in (section, *e["loc"]))
-    got = e.get("input")
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{loc}' (check the spelling; see params.yaml for the known keys)"
-    return f"{source}: {loc}: {msg} (got {got!r})"
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"params file not found: {p}", hint="run from the project root or pass --params")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", where=where) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping of stage sections at the top level", where=str(p))
-    return data
-
-
-def build(cls: type[C], values: dict[str, Any] | None, *, source: str = "config", section: str = "") -> C:
-    try:
-        return cls.model_validate(values or {})
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source, section)) from None
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def active_profile(data: dict[str, Any]) -> str | None:
-    """The profile in force: ``$RLHF_PROFILE``, else ``profile:`` in params.yaml."""
-    return os.environ.get("RLHF_PROFILE") or data.get("profile")
-
-
-def load_stage(cls: type[C], section: str, params: str | Path | None = "params.yaml",
-               overrides: dict[str, Any] | None = None) -> C:
-    """Config for one stage: defaults < ``params.yaml`` section < the active profile's section < overrides.
-
-    A profile (``profiles: {tiny: {sft: {...}, model: {...}}}``) overrides parts of any section; the
-    active one is ``$RLHF_PROFILE`` or the top-level ``profile:`` key.
-    """
-    values: dict[str, Any] = {}
-    source = "defaults"
-    if params is not None and Path(params).exists():
-        data = load_yaml(params)
-        sec = data.get(section) or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"section '{section}' must be a mapping", where=str(params))
-        profile = active_profile(data)
-        profiles = data.get("profiles") or {}
-        if profile and profile not in profiles:
-            raise ConfigError(f"unknown profile '{profile}'", where=str(params),
-                              hint=f"known profiles: {', '.join(sorted(profiles)) or 'none'}")
-        values.update(_merge(sec, (profiles.get(profile) or {}).get(section) or {}) if profile else sec)
-        source = str(params)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            values[k] = v
-    return build(cls, values, source=source, section=section)
-
-
-__all__ = ["StageConfig", "PrepareConfig", "ValidateConfig", "ModelConfig", "load_stage", "build", "load_yaml",
-           "model_validator"]
+__all__ = ["StageConfig", "PrepareConfig", "ValidateConfig", "ModelConfig", "TrainConfig", "SFTConfig",
+           "RewardConfig", "EvaluateConfig", "PPOConfig", "RegisterConfig"]

@@ -51,10 +51,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlhf import tracking
 from rlhf.config import ModelConfig, RegisterConfig
 from rlhf.errors import UserError
 from rlhf.io import MANIFEST, read_manifest, sha256_dir, write_json
+from rlhf.mlops import tracking
 
 log = logging.getLogger("rlhf")
 
@@ -254,7 +254,7 @@ def _pip_requirements() -> list[str]:
 
 def _prompt_template(tokenizer) -> str:
     """The chat template around ``{prompt}`` (other braces escaped), for the pyfunc flavor."""
-    from rlhf.models import chat_prompt
+    from rlhf.train.models import chat_prompt
 
     marker = "\x00PROMPT\x00"
     text = chat_prompt(tokenizer, marker)
@@ -395,7 +395,7 @@ def _log_and_register(kind: str, directory: Path, name: str, tags: dict[str, Any
     import mlflow
     import mlflow.transformers
 
-    from rlhf import models
+    from rlhf.train import models
 
     load_cfg = ModelConfig(device="cpu", lora=False)
     path = Path(directory).resolve()  # an absolute name_or_path: no hub lookups for card/license
@@ -463,7 +463,7 @@ def register(policy_dir: str | Path, reward_dir: str | Path | None, eval_dir: st
     Returns ``{"model_name", "version", "created", "promoted", "decision", "champion",
     "previous_champion", "aliases", "model_uri", "reward_model": {...}, "run_id", ...}``.
     Idempotent per pipeline run (``pipeline_run_id``, else ``$RLHF_PIPELINE_RUN_ID`` / ``$KFP_RUN_ID``)
-    and per policy content. ``config_fingerprint``: :func:`rlhf.steps.config_fingerprint` of the run's
+    and per policy content. ``config_fingerprint``: :func:`rlhf.pipeline.steps.config_fingerprint` of the run's
     configuration, recorded as the tags ``pipeline_config_hash`` and ``pipeline_config_sections``
     (what ``rlhf retrain`` compares); without it the version has no such tags.
     """
@@ -786,7 +786,7 @@ def load_components(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION)
 def generate(prompt: str, cfg: RegisterConfig | None = None, *, alias: str = CHAMPION,
              max_new_tokens: int | None = None, temperature: float | None = None, seed: int | None = None) -> str:
     """A completion of ``prompt`` (as a user turn, with the model's chat template) from ``@alias``."""
-    from rlhf import generation
+    from rlhf.train import generation
 
     cfg = cfg or RegisterConfig()
     model, tok, _ = load_components(cfg, alias=alias)

@@ -80,7 +80,7 @@ def fetch_data(dvc_file: str | Path = "data.dvc") -> str:
     bytes ``data.dvc`` records; that is checked, and the result is pushed to
     the default remote so the next clone can simply pull.
     """
-    from rlhf import demo
+    from rlhf.data import demo
 
     dvc_file = Path(dvc_file)
     root = dvc_file.parent

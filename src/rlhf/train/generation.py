@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import models
+from rlhf.train import models
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Multi-node training from a pipeline step: build a Kubeflow Trainer job, launch it, wait for it.
 
 With ``num_nodes > 1`` the pipeline's sft / reward / ppo steps are thin CPU launchers
-(``components.stages.*_multinode``) that call :func:`run_stage_job`:
+(``rlhf.pipeline.components.*_multinode``) that call :func:`run_stage_job`:
 
 1. the step's inputs (downloaded by KFP into the launcher pod) and the fully resolved stage config
    are copied to ``<scratch>/<kfp run id>/<stage>/`` in object storage (the DVC bucket by default);
@@ -9,7 +9,7 @@ With ``num_nodes > 1`` the pipeline's sft / reward / ppo steps are thin CPU laun
    ``k8s/components/trainer-runtime``) or a ``PyTorchJob`` (Training Operator v1) is created in the
    training namespace: N nodes x G GPUs, the step's resources, node selector, tolerations and
    environment (ConfigMap/Secret *references*, never values); every node runs
-   ``python -m rlhf.steps job`` which stages the inputs and runs
+   ``python -m rlhf.pipeline.jobs job`` which stages the inputs and runs
    ``torchrun <rendezvous> -m rlhf.cli <stage> ...``; node 0 uploads the output;
 3. the launcher polls the job, printing condition and pod phase changes (the KFP step log), and
    fails the step when the job fails (with the failed pods' last log lines) or times out;
@@ -104,10 +104,10 @@ def build_trainjob(*, name: str, namespace: str, stage: str, image: str, num_nod
     command, nodes x processes, resources, env, and overrides node selector, tolerations and
     service account of the ``node`` replicated job.
     """
-    from rlhf import steps
+    from rlhf.pipeline import jobs
 
     _check(num_nodes, gpus_per_node)
-    cmd = steps.job_command(stage, scratch_url, TRAINJOB_RENDEZVOUS)
+    cmd = jobs.job_command(stage, scratch_url, TRAINJOB_RENDEZVOUS)
     labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
     override: dict[str, Any] = {"targetJobs": [{"name": "node"}], "serviceAccountName": service_account}
     if node_selector:
@@ -142,13 +142,13 @@ def build_pytorchjob(*, name: str, namespace: str, stage: str, image: str, num_n
                      service_account: str = SERVICE_ACCOUNT, shm_size: str = "16Gi",
                      active_deadline_s: int | None = None) -> dict[str, Any]:
     """A ``kubeflow.org/v1`` PyTorchJob: 1 Master + (num_nodes - 1) Workers, one pod per node."""
-    from rlhf import steps
+    from rlhf.pipeline import jobs
 
     _check(num_nodes, gpus_per_node)
     nproc = max(gpus_per_node, 1)
     rendezvous = [f"--nnodes={num_nodes}", f"--nproc-per-node={nproc}", "--node-rank=$(RANK)",
                   "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
-    cmd = steps.job_command(stage, scratch_url, rendezvous)
+    cmd = jobs.job_command(stage, scratch_url, rendezvous)
     labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
     pod_env = env_list({"RLHF_NUM_NODES": str(num_nodes), "RLHF_NPROC_PER_NODE": str(nproc),
                         "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "HF_HOME": "/tmp/.cache/huggingface",
@@ -324,16 +324,11 @@ def obj_summary(obj: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ step
 
 
-def resolved_params(stage: str, params_path: Path, overrides: dict[str, dict[str, Any]] | None) -> dict:
+def resolved_params(stage: str, run) -> dict:
     """A params.yaml whose sections are the stage's final configs (profile and overrides applied)."""
-    from rlhf import steps
+    from rlhf.pipeline.stages import stage as stage_spec
 
-    classes = steps.config_classes()
-    out: dict[str, Any] = {}
-    for section in steps.stage(stage).sections:
-        cls = classes[section]
-        out[section] = steps.load_config(cls, section, params_path, overrides).model_dump(mode="json")
-    return out
+    return {section: run.section(section).model_dump(mode="json") for section in stage_spec(stage).sections}
 
 
 def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any, params_yaml: str, profile: str,
@@ -342,8 +337,10 @@ def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any,
                   node_selector: dict[str, str], tolerations: list[dict[str, Any]], image: str, namespace: str,
                   kind: str, scratch_url: str, timeout_s: int, api: Any = None, poll_s: float = 15.0) -> dict:
     """The body of a ``*_multinode`` component: stage data, run the job, take its output as ours."""
-    from rlhf import steps
+    from rlhf.config.resolve import RunConfig
+    from rlhf.data.remote import copy_tree
     from rlhf.errors import ConfigError
+    from rlhf.pipeline import steps
 
     steps.setup_logging()
     if run_id:
@@ -355,14 +352,13 @@ def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any,
                           hint="set the pipeline parameter scratch_url or DVC_REMOTE_URL in rlhf-config")
     scratch = f"{base}/{run_id or 'run'}/{stage}"
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-job-") as tmp:
-        params = steps.materialize_params(params_yaml, profile, tmp)
+        run = RunConfig.from_text(params_yaml or "{}", profile=profile or None, overrides=overrides)
         cfg_dir = Path(tmp) / "config"
         cfg_dir.mkdir()
-        (cfg_dir / "params.yaml").write_text(yaml.safe_dump(resolved_params(stage, params, overrides),
-                                                            sort_keys=False))
-        steps.copy_tree(str(cfg_dir), f"{scratch}/config")
+        (cfg_dir / "params.yaml").write_text(yaml.safe_dump(resolved_params(stage, run), sort_keys=False))
+        copy_tree(str(cfg_dir), f"{scratch}/config")
         for k, art in inputs.items():
-            steps.copy_tree(getattr(art, "path", art), f"{scratch}/inputs/{k}")
+            copy_tree(getattr(art, "path", art), f"{scratch}/inputs/{k}")
     with steps.parent_run(run_id):  # the job's stage run nests under the pipeline's MLflow run
         obj = build_job(kind, name=job_name(stage, run_id), namespace=namespace or "rlhf", stage=stage,
                         image=image, num_nodes=int(num_nodes), gpus_per_node=int(gpus_per_node),
@@ -370,7 +366,7 @@ def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any,
                         node_selector=node_selector, tolerations=tolerations, active_deadline_s=timeout_s)
         launch_and_wait(obj, api, poll_s=poll_s, timeout_s=timeout_s)
     out_path = getattr(out, "path", out)
-    steps.copy_tree(f"{scratch}/output", out_path)
+    copy_tree(f"{scratch}/output", out_path)
     manifest = json.loads((Path(out_path) / "manifest.json").read_text())
     if metrics is not None:
         for k, v in steps.numeric_metrics(manifest.get("metrics") or {}).items():

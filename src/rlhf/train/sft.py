@@ -7,7 +7,7 @@ and EOS; the prompt tokens get label -100.
 We write the loop ourselves (about 100 lines) instead of using TRL's
 ``SFTTrainer`` because (1) the tokenisation, masking and model loading are the
 same code the reward and PPO stages use (one place for each piece of logic);
-(2) per-step metrics go straight to :mod:`rlhf.tracking` and the progress line;
+(2) per-step metrics go straight to :mod:`rlhf.mlops.tracking` and the progress line;
 (3) on small models on CPU the trainer's overhead is measurable
 (``benchmarks/sft_reward_vs_trl.py`` compares both on identical settings).
 """
@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from rlhf import models, tracking
 from rlhf.config import ModelConfig, SFTConfig
-from rlhf.data import dataset_texts, load_split
+from rlhf.data.prepare import dataset_texts, load_split
 from rlhf.io import atomic_dir, write_manifest
-from rlhf.training import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
+from rlhf.mlops import tracking
+from rlhf.train import models
+from rlhf.train.loop import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
 
 log = logging.getLogger("rlhf")
 

@@ -10,7 +10,7 @@ demonstrations, which PPO uses to normalise rewards (10).
 Reported: held-out pairwise accuracy (ties count half), mean margin, and
 agreement with the gold annotator on fresh pairs it labels without noise.
 
-The loop is ours for the same reasons as in :mod:`rlhf.sft`.
+The loop is ours for the same reasons as in :mod:`rlhf.train.sft`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf import demo, models, tracking
 from rlhf.config import ModelConfig, RewardConfig
-from rlhf.data import load_split
+from rlhf.data import demo
+from rlhf.data.prepare import load_split
 from rlhf.io import atomic_dir, read_manifest, write_manifest
-from rlhf.training import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
+from rlhf.mlops import tracking
+from rlhf.train import models
+from rlhf.train.loop import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
 
 log = logging.getLogger("rlhf")
 
@@ -79,7 +81,7 @@ def train_reward(dataset: str | Path, sft_model: str | Path | None, out: str | P
         read_manifest(sft_model, expect_kind="policy")
         source = sft_model
     else:
-        from rlhf.data import dataset_texts
+        from rlhf.data.prepare import dataset_texts
 
         source = models.resolve_base(model_cfg, dataset_texts(dataset) if model_cfg.name == "tiny" else None)
     model, tok = models.load_reward_model(source, model_cfg, for_training=True, init_from_causal=True)

@@ -4,7 +4,7 @@ The reference is the current **champion** in the MLflow registry (``models:/<nam
 ``register.model_name``). Its lineage tags say what it was trained on:
 
 * ``data_hash``: the DVC md5 of ``data/raw`` (``data.dvc``) of its run;
-* ``pipeline_config_hash`` / ``pipeline_config_sections``: :func:`rlhf.steps.config_fingerprint` of
+* ``pipeline_config_hash`` / ``pipeline_config_sections``: :meth:`rlhf.config.resolve.RunConfig.fingerprint` of
   the run's resolved configuration (every stage section from params.yaml + profile + overrides and
   knobs, secrets redacted; ``register`` excluded).
 
@@ -25,8 +25,8 @@ cluster run from a place without the repository, e.g. the retrain CronJob). Rows
 the cluster, which fetches data by hash from the DVC remote; :func:`current_data` therefore checks
 the workspace with ``dvc status`` and stops with a one-line error telling the user to ``dvc add``.
 
-:func:`retrain` then does nothing, or runs the pipeline: here with :func:`rlhf.pipeline_run.run_local`
-(what ``rlhf run`` does) or on Kubeflow Pipelines with :func:`rlhf.pipeline_run.submit_remote` (what
+:func:`retrain` then does nothing, or runs the pipeline: here with :func:`rlhf.pipeline.local.run_local`
+(what ``rlhf run`` does) or on Kubeflow Pipelines with :func:`rlhf.pipeline.local.submit_remote` (what
 ``rlhf submit`` does). A run whose gate fails leaves the champion unchanged, so the next check
 decides the same way again.
 """
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ def current_data(dvc_file: str | Path = "data.dvc", data_hash: str | None = None
     workspace must match it: unrecorded changes of ``data/raw`` are an error naming the fix.
     ``local``: the data must be here (a local run reads it).
     """
-    from rlhf import versioning
+    from rlhf.mlops import versioning
 
     dvc_file = Path(dvc_file)
     if data_hash and not local:
@@ -144,21 +143,18 @@ def run_config(params: str | Path, profile: str | None = None, overrides: dict[s
                knobs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Any]:
     """``(profile, fingerprint, register config)`` of the run params.yaml + profile + overrides + knobs make.
 
-    The params file is materialised exactly as a pipeline step does it
-    (:func:`rlhf.steps.materialize_params`) and fingerprinted with the function the register step uses.
+    Resolved by :class:`rlhf.config.resolve.RunConfig` exactly as a pipeline step resolves its
+    parameters, so the fingerprint is the one the register step records.
     """
-    from rlhf import pipeline_run, steps
+    from rlhf.config.resolve import RunConfig, resolve_profile
 
     params = Path(params)
     if not params.is_file():
         raise ConfigError(f"params file not found: {params}", hint="run from the project root or pass --params")
-    profile = pipeline_run.resolve_profile(profile, params)
-    all_overrides = steps.pipeline_overrides(overrides, knobs)
-    with tempfile.TemporaryDirectory(prefix="rlhf-retrain-") as tmp, _no_profile_env():
-        path = steps.materialize_params(params.read_text(encoding="utf-8"), profile, tmp)
-        fingerprint = steps.config_fingerprint(path, all_overrides)
-        register_cfg = steps.register_config(path, all_overrides)
-    return profile, fingerprint, register_cfg
+    profile = resolve_profile(profile, params)
+    with _no_profile_env():
+        run = RunConfig.from_file(params, profile=profile, overrides=overrides, knobs=knobs)
+        return profile, run.fingerprint(), run.section("register")
 
 
 # ------------------------------------------------------------------------------------------ decision
@@ -178,7 +174,7 @@ def decide(params: str | Path = "params.yaml", *, data_hash: str, profile: str |
            overrides: dict[str, dict[str, Any]] | None = None, knobs: dict[str, Any] | None = None,
            force: bool = False) -> Decision:
     """Compare what a run would use now (``data_hash``, the params) with the champion's lineage."""
-    from rlhf import registry, tracking
+    from rlhf.mlops import registry, tracking
 
     profile, fp, cfg = run_config(params, profile, overrides, knobs)
     champion = registry.champion_version(cfg)
@@ -242,10 +238,12 @@ def retrain(*, mode: str, params: str | Path = "params.yaml", profile: str | Non
             echo: Callable[[str], None] = print) -> Outcome:
     """Decide; then nothing, a local run (``mode="local"``) or a KFP run (``mode="host"``, on ``host``).
 
-    ``local_options`` go to :func:`rlhf.pipeline_run.run_local` (runs_dir, verbose, quiet, threads, out);
-    ``submit_options`` to :func:`rlhf.pipeline_run.submit_remote` (pipeline_file, image, wait, ...).
+    ``local_options`` go to :func:`rlhf.pipeline.local.run_local` (runs_dir, verbose, quiet, threads, out);
+    ``submit_options`` to :func:`rlhf.pipeline.local.submit_remote` (pipeline_file, image, wait, ...).
     """
-    from rlhf import pipeline_run, tracking
+    from rlhf.mlops import tracking
+    from rlhf.pipeline import dag, remote
+    from rlhf.pipeline import local as pipeline_run
 
     if mode not in ("local", "host"):
         raise UserError("rlhf retrain needs --local (run the pipeline here) or --host URL (submit to Kubeflow "
@@ -253,7 +251,7 @@ def retrain(*, mode: str, params: str | Path = "params.yaml", profile: str | Non
     if mode == "host" and not host:
         raise UserError("--host needs the KFP API URL")
     parameters = dict(parameters or {})
-    pipeline_run.check_parameters(parameters, pipeline_run.import_pipelines().pipeline_parameters())
+    pipeline_run.check_parameters(parameters, dag.pipeline_parameters())
     if mode == "local" and int(parameters.get("num_nodes", 1) or 1) > 1:
         raise ConfigError("num_nodes > 1 launches Kubeflow Trainer jobs: that needs a cluster",
                           hint="use rlhf retrain --host")
@@ -280,8 +278,8 @@ def retrain(*, mode: str, params: str | Path = "params.yaml", profile: str | Non
         echo(pipeline_run.format_summary(outcome.local_result))
         return outcome
     revision = data_revision if data_revision is not None else (tracking.git_commit() or "")
-    values = pipeline_run.run_parameters(Path(params), decision.profile, parameters, overrides, revision, current)
-    outcome.kfp_run = pipeline_run.submit_remote(host, values, summary_file=summary_file, echo=echo,
+    values = remote.run_parameters(Path(params), decision.profile, parameters, overrides, revision, current)
+    outcome.kfp_run = remote.submit_remote(host, values, summary_file=summary_file, echo=echo,
                                                  **(submit_options or {}))
     return outcome
 

@@ -1,0 +1,279 @@
+"""The RLHF pipeline as a KFP v2 DAG.
+
+    prepare -> validate -> [sft -> reward -> ppo] -> evaluate -> dsl.If(gate passed) -> register
+                            single node: the stage components on a GPU pod each
+                            num_nodes > 1: launchers of Kubeflow Trainer jobs (rlhf.pipeline.multinode)
+
+The components are generated from the stage table (:mod:`rlhf.pipeline.components`); this module
+turns them into KFP components for a pair of images (:func:`build`), declares the pipeline's
+parameters (:data:`RUN_PARAMETERS`, :data:`RESOURCE_PARAMETERS` and the config knobs of
+:data:`rlhf.config.resolve.KNOBS`) and wires the DAG (:func:`make_pipeline`).
+
+Per task, from the stage table: display name, CPU/memory requests, timeout, caching, retries; and
+for every task the ``rlhf-config`` ConfigMap and the ``rlhf-storage`` Secret as environment (MLflow
+URI, DVC remote, S3 credentials: never literals). GPU tasks (sft, reward, ppo, evaluate):
+accelerator type and limit from pipeline parameters, the GPU node selector and toleration (pipeline
+parameters, passed as JSON to kfp-kubernetes), ``/dev/shm`` as a memory-backed emptyDir.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from rlhf.config.resolve import KNOBS, knobs_for, params_text
+from rlhf.pipeline import components as generated
+from rlhf.pipeline.stages import Stage, stage
+
+PIPELINE_NAME = "rlhf"
+DEFAULT_IMAGE = "ghcr.io/rlhf-project/rlhf:0.1.0"
+DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + "-cuda"
+CONFIG_MAP = "rlhf-config"
+STORAGE_SECRET = "rlhf-storage"
+CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "DVC_REMOTE_URL",
+                   "DVC_REMOTE_ENDPOINT_URL", "RLHF_TRAINING_NAMESPACE")
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+POD_LABEL = ("rlhf.io/pipeline-pod", "true")
+SHM_SIZE = "16Gi"
+RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+#: seconds a multi-node launcher keeps for staging data in and out of its Trainer job
+JOB_STAGING_S = 900
+
+
+# ------------------------------------------------------------------------------------------ components
+
+
+def default_images() -> tuple[str, str]:
+    """(CPU image, GPU image) from ``$RLHF_IMAGE`` / ``$RLHF_GPU_IMAGE``."""
+    image = os.environ.get("RLHF_IMAGE") or DEFAULT_IMAGE
+    return image, os.environ.get("RLHF_GPU_IMAGE") or image + "-cuda"
+
+
+@dataclass(frozen=True)
+class Components:
+    """The KFP components for one pair of images."""
+
+    image: str
+    gpu_image: str
+    stages: dict[str, Any]
+    multinode: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def build(image: str | None = None, gpu_image: str | None = None) -> Components:
+    """KFP components of every stage: CPU stages on ``image``, GPU stages on ``gpu_image``.
+
+    Lightweight components with ``install_kfp_package=False`` and no ``packages_to_install``: the
+    image has the ``rlhf`` package and kfp installed, so nothing is pip-installed when a step starts.
+    """
+    if image:
+        gpu_image = gpu_image or image + "-cuda"
+    else:
+        image, default_gpu = default_images()
+        gpu_image = gpu_image or default_gpu
+
+    def make(func, base_image):
+        return dsl.component(func, base_image=base_image, install_kfp_package=False, packages_to_install=[])
+
+    stages = {name: make(f, gpu_image if stage(name).gpu else image) for name, f in generated.STAGE_FUNCS.items()}
+    launchers = {name: make(f, image) for name, f in generated.MULTINODE_FUNCS.items()}
+    return Components(image=image, gpu_image=gpu_image, stages=stages, multinode=launchers)
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+#: what a run is about: data, configuration
+RUN_PARAMETERS: tuple[Param, ...] = (
+    Param("data_revision", str, "", "git commit/tag of the data version (recorded as lineage)."),
+    Param("data_hash", str, "", "DVC md5 of data/raw (data.dvc); the prepare step fetches it from DVC_REMOTE_URL."),
+    Param("raw_data", str, "", "a path or URL of raw data to use instead of the DVC version (local runs)."),
+    Param("params_yaml", str, "{}", "the full params.yaml (default: the one this pipeline was compiled with)."),
+    Param("profile", str, "", "params profile ('' = params.yaml's `profile:`, 'none' = the base sections)."),
+    Param("overrides", dict, {}, "any config field, {section: {field: value}}."),
+    Param("compare_champion", bool, True, "evaluate against the registry's current champion too."),
+)
+#: where and on what it runs
+RESOURCE_PARAMETERS: tuple[Param, ...] = (
+    Param("accelerator_type", str, "nvidia.com/gpu", "GPU resource name of training/evaluation steps."),
+    Param("accelerator_limit", int, 1, "GPUs per training/evaluation step (per node with num_nodes > 1)."),
+    Param("num_nodes", int, 1, "> 1 runs sft/reward/ppo as multi-node Kubeflow Trainer jobs."),
+    Param("gpu_node_selector", dict, GPU_NODE_SELECTOR, "node selector of GPU steps."),
+    Param("gpu_tolerations", list, GPU_TOLERATIONS, "tolerations of GPU steps."),
+    Param("train_cpu", str, "4", "CPU request of GPU steps."),
+    Param("train_memory", str, "32Gi", "memory request and limit of GPU steps."),
+    Param("training_image", str, DEFAULT_GPU_IMAGE, "image of the multi-node training jobs' pods."),
+    Param("training_namespace", str, "rlhf", "namespace of the multi-node training jobs."),
+    Param("job_kind", str, "TrainJob", "TrainJob (Kubeflow Trainer v2) or PyTorchJob (Training Operator v1)."),
+    Param("scratch_url", str, "", "object-store prefix for multi-node job data ('' = $DVC_REMOTE_URL/runs)."),
+)
+
+
+def parameters(*, params_yaml: str = "{}", training_image: str = DEFAULT_GPU_IMAGE) -> tuple[Param, ...]:
+    """Every pipeline parameter, in the order of the pipeline function's signature."""
+    knobs = tuple(Param(k.name, k.type, k.unset, k.help + ".") for k in KNOBS)
+    out = []
+    for p in (*RUN_PARAMETERS, *knobs, *RESOURCE_PARAMETERS):
+        if p.name == "params_yaml":
+            p = Param(p.name, p.type, params_yaml, p.help)
+        elif p.name == "training_image":
+            p = Param(p.name, p.type, training_image, p.help)
+        out.append(p)
+    return tuple(out)
+
+
+def default_params_yaml() -> str:
+    """params.yaml of the working directory (or the repository), embedded as the default parameter."""
+    for p in (Path("params.yaml"), Path(__file__).resolve().parents[3] / "params.yaml"):
+        if p.exists():
+            return params_text(p.read_text(encoding="utf-8"))
+    return "{}"
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+def _common(task, s: Stage, *, retries: bool) -> None:
+    task.set_display_name(s.display)
+    kubernetes.set_timeout(task, s.timeout_s)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_MAP_KEYS})
+    kubernetes.use_secret_as_env(task, STORAGE_SECRET, {k: k for k in SECRET_KEYS})
+    kubernetes.add_pod_label(task, *POD_LABEL)
+    if not s.cache:
+        task.set_caching_options(False)
+    if retries and s.retries:
+        task.set_retry(**RETRY)
+    if s.cpu_request:
+        cpu, mem = s.cpu_request
+        task.set_cpu_request(cpu).set_memory_request(mem)
+
+
+def _gpu(task, p) -> None:
+    task.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.accelerator_limit)
+    task.set_cpu_request(p.train_cpu).set_memory_request(p.train_memory).set_memory_limit(p.train_memory)
+    kubernetes.add_node_selector_json(task, p.gpu_node_selector)
+    kubernetes.add_toleration_json(task, p.gpu_tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=SHM_SIZE)
+
+
+def _args(name: str, p, **inputs) -> dict[str, Any]:
+    """A task's arguments: its inputs, the run settings and the knobs its config sections use."""
+    s = stage(name)
+    args = {"params_yaml": p.params_yaml, "profile": p.profile, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "overrides": p.overrides, **inputs}
+    args.update({k.name: getattr(p, k.name) for k in knobs_for(s.config_sections)})
+    return args
+
+
+def _launcher_args(name: str, p) -> dict[str, Any]:
+    return {"num_nodes": p.num_nodes, "accelerator_type": p.accelerator_type,
+            "accelerator_limit": p.accelerator_limit, "cpu": p.train_cpu, "memory": p.train_memory,
+            "node_selector": p.gpu_node_selector, "tolerations": p.gpu_tolerations, "image": p.training_image,
+            "namespace": p.training_namespace, "job_kind": p.job_kind, "scratch_url": p.scratch_url,
+            "timeout_s": stage(name).timeout_s - JOB_STAGING_S}
+
+
+def _dag(c: Components, p, *, retries: bool) -> None:
+    """The pipeline's body: ``p`` holds the pipeline parameters by name."""
+    prep = c.prepare(**_args("prepare", p, raw_data=p.raw_data, data_hash=p.data_hash,
+                             data_revision=p.data_revision))
+    dataset = prep.outputs["dataset"]
+    val = c.validate(**_args("validate", p, dataset=dataset))
+
+    # training: one GPU pod per stage, or a Trainer job per stage on num_nodes nodes
+    with dsl.If(p.num_nodes <= 1, name="single-node-training"):
+        sft1 = c.sft(**_args("sft", p, dataset=dataset)).after(val)
+        rew1 = c.reward(**_args("reward", p, dataset=dataset, sft=sft1.outputs["model"]))
+        ppo1 = c.ppo(**_args("ppo", p, dataset=dataset, sft=sft1.outputs["model"],
+                             reward_model=rew1.outputs["model"]))
+        for task in (sft1, rew1, ppo1):
+            _gpu(task, p)
+    with dsl.Else(name="multi-node-training"):
+        m = c.multinode
+        sftn = m["sft"](**_args("sft", p, dataset=dataset), **_launcher_args("sft", p)).after(val)
+        rewn = m["reward"](**_args("reward", p, dataset=dataset, sft=sftn.outputs["model"]),
+                           **_launcher_args("reward", p))
+        ppon = m["ppo"](**_args("ppo", p, dataset=dataset, sft=sftn.outputs["model"],
+                                reward_model=rewn.outputs["model"]), **_launcher_args("ppo", p))
+        for task in (sftn, rewn, ppon):
+            task.set_cpu_request("500m").set_memory_request("1Gi")
+    sft_model = dsl.OneOf(sft1.outputs["model"], sftn.outputs["model"])
+    reward_model = dsl.OneOf(rew1.outputs["model"], rewn.outputs["model"])
+    policy = dsl.OneOf(ppo1.outputs["model"], ppon.outputs["model"])
+
+    # evaluation and the gate, then registration only if the gate passed
+    ev = c.evaluate(**_args("evaluate", p, dataset=dataset, policy=policy, baseline=sft_model,
+                            reward_model=reward_model, compare_champion=p.compare_champion))
+    _gpu(ev, p)
+    with dsl.If(ev.outputs["Output"] == "passed", name="gate-passed"):
+        reg = c.register(**_args("register", p, policy=policy, reward_model=reward_model,
+                                 evaluation=ev.outputs["evaluation"], data_hash=p.data_hash,
+                                 data_revision=p.data_revision))
+
+    for name, task in (("prepare", prep), ("validate", val), ("sft", sft1), ("reward", rew1), ("ppo", ppo1),
+                       ("evaluate", ev), ("register", reg)):
+        _common(task, stage(name), retries=retries)
+    for name, task in (("sft", sftn), ("reward", rewn), ("ppo", ppon)):
+        _common(task, stage(name), retries=retries)
+        task.set_display_name(f"{stage(name).display} (Trainer job, multi-node)")
+
+
+def make_pipeline(image: str | None = None, gpu_image: str | None = None, *, params_yaml: str | None = None,
+                  retries: bool = True):
+    """The pipeline function for these images.
+
+    ``params_yaml``: default of the parameter of the same name (default: ./params.yaml).
+    ``retries``: back-off retries on the I/O steps; ``rlhf run`` turns them off (local files do not
+    flake, and a deterministic error should be shown at once, not after minutes of back-off).
+    """
+    c = build(image, gpu_image)
+    default_params = default_params_yaml() if params_yaml is None else params_text(params_yaml)
+    params = parameters(params_yaml=default_params, training_image=c.gpu_image)
+
+    def rlhf_pipeline(*args):
+        _dag(c, SimpleNamespace(**dict(zip([q.name for q in params], args, strict=True))), retries=retries)
+
+    rlhf_pipeline.__signature__ = inspect.Signature(
+        [inspect.Parameter(q.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=q.default, annotation=q.type)
+         for q in params])
+    rlhf_pipeline.__doc__ = "RLHF pipeline.\n\nArgs:\n" + "".join(f"    {q.name}: {q.help}\n" for q in params)
+    return dsl.pipeline(name=PIPELINE_NAME, description="RLHF: prepare -> validate -> SFT -> reward model -> PPO "
+                        "-> evaluate -> register (gated on evaluation)")(rlhf_pipeline)
+
+
+def compile_pipeline(out: str | Path, *, image: str | None = None, gpu_image: str | None = None,
+                     params_yaml: str | None = None) -> Path:
+    """Write the pipeline YAML (IR + Kubernetes platform spec): the deployable artifact."""
+    from kfp import compiler
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(make_pipeline(image, gpu_image, params_yaml=params_yaml), str(out))
+    return out
+
+
+def pipeline_parameters() -> dict[str, Any]:
+    """Name -> default of every pipeline parameter (for submit's validation and the parity test)."""
+    return {q.name: q.default for q in parameters()}

@@ -1,0 +1,301 @@
+"""``rlhf run``: the whole KFP pipeline on this machine with the KFP local runner.
+
+The pipeline is the one ``rlhf compile`` writes (``pipelines/rlhf_pipeline.py``), executed by
+``kfp.local`` with ``SubprocessRunner(use_venv=False)``: every step is a subprocess of this Python,
+so the installed ``rlhf`` package is used and nothing is pip-installed. Kubernetes settings (GPUs,
+node selectors, ConfigMaps, ...) are ignored by the local runner; retries are compiled out (a
+deterministic local error is shown at once instead of after minutes of back-off).
+
+What you see: a line when a stage starts and when it finishes (with its duration), the stages'
+own progress lines, and a summary (gate decision, key metrics, where the model and the report are,
+the MLflow run). Everything the steps print goes to ``<run dir>/logs/<step>.log``; the artifacts
+are under ``<run dir>/kfp/`` with a link per stage in the run directory (``<run dir>/sft`` ...).
+
+Two work-arounds for kfp 2.17's local runner, both local-only and tested:
+
+* it cannot resolve ``dsl.OneOf`` over artifacts (the merge of the single-node and multi-node
+  branches): :func:`_patch_oneof` picks the branch that ran;
+* it evaluates ``dsl.If`` with ``eval``: the pipeline's conditions read only an int parameter and
+  the evaluate step's own ``"passed"`` / ``"failed"`` output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rlhf.config.resolve import params_text, resolve_profile
+from rlhf.errors import ConfigError, UserError
+from rlhf.pipeline.console import EXIT_CODES, Console, captured, stage_of
+from rlhf.pipeline.threads import auto_threads
+
+
+class RunFailed(UserError):
+    """A pipeline step failed; the message is the step's own error line."""
+
+    def __init__(self, message: str, *, hint: str | None = None, exit_code: int = 1):
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
+
+
+def check_parameters(params: dict[str, Any], known: dict[str, Any]) -> None:
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown pipeline parameter(s): {', '.join(unknown)}",
+                          hint=f"known: {', '.join(sorted(known))}")
+
+
+# ---------------------------------------------------------------------------------------- kfp.local
+
+
+def _patch_oneof() -> None:
+    """Let kfp 2.17's local runner resolve ``dsl.OneOf`` artifact outputs (the branch that ran wins)."""
+    from kfp.local.orchestrator import orchestrator_utils as ou
+
+    cls = ou.OrchestratorUtils
+    if getattr(cls, "_rlhf_oneof_patch", False):
+        return
+
+    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            for sel in spec.artifact_selectors:
+                try:
+                    outputs[key] = io_store.get_task_output(sel.producer_subtask, sel.output_artifact_key)
+                    break
+                except ValueError:
+                    continue
+            else:
+                if len(spec.artifact_selectors) == 1:  # the original behaviour: a missing output is an error
+                    sel = spec.artifact_selectors[0]
+                    outputs[key] = io_store.get_task_output(sel.producer_subtask, sel.output_artifact_key)
+        return outputs
+
+    cls.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    cls._rlhf_oneof_patch = True
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # succeeded | failed
+    seconds: float
+    gate: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    registration: dict[str, Any] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def new_run_dir(runs_dir: str | Path) -> Path:
+    base = Path(runs_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _link_outputs(run_dir: Path, pipeline_root: Path) -> dict[str, Path]:
+    """``<run dir>/<stage>`` -> the stage's output artifact under ``kfp/``; returns stage -> path."""
+    from rlhf.pipeline.stages import STAGES
+
+    out_names = {s.name: s.output.name for s in STAGES}
+    links = {"prepare": "dataset", "validate": "validation", "sft": "sft", "reward": "reward", "ppo": "ppo",
+             "evaluate": "evaluation", "register": "registration"}
+    found: dict[str, Path] = {}
+    for job in sorted(p for p in pipeline_root.iterdir() if p.is_dir()):
+        for task_dir in sorted(p for p in job.iterdir() if p.is_dir()):
+            stage = stage_of(task_dir.name)
+            art = task_dir / out_names.get(stage, "")
+            if stage in links and art.exists():
+                found[stage] = art
+    for stage, art in found.items():
+        link = run_dir / links[stage]
+        with contextlib.suppress(OSError):
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(os.path.relpath(art, run_dir), target_is_directory=True)
+    return {s: run_dir / links[s] for s in found}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml", profile: str | None = None,
+              runs_dir: str | Path = "runs", parameters: dict[str, Any] | None = None,
+              overrides: dict[str, dict[str, Any]] | None = None, verbose: bool = False, quiet: bool = False,
+              threads: int | None = None, out: Any = None) -> RunResult:
+    """Run the pipeline with the KFP local runner; return what happened (see :func:`format_summary`)."""
+    from rlhf.mlops import tracking, versioning
+
+    out = out or sys.stdout
+    raw, params = Path(raw), Path(params)
+    if not raw.exists():
+        raise UserError(f"raw data not found: {raw}", hint="run `make data` (or `rlhf fetch-data`) first")
+    if not params.exists():
+        raise ConfigError(f"params file not found: {params}", hint="run from the project root or pass --params")
+    profile = resolve_profile(profile, params)
+    from rlhf.pipeline import dag
+    known = dag.pipeline_parameters()
+    parameters = dict(parameters or {})
+    check_parameters(parameters, known)
+    if int(parameters.get("num_nodes", 1) or 1) > 1:
+        raise ConfigError("num_nodes > 1 launches Kubeflow Trainer jobs: that needs a cluster",
+                          hint="rlhf run is single-node; use rlhf submit")
+    data_hash = ""
+    for dvc_file in (Path("data.dvc"), raw.resolve().parent.parent / "data.dvc"):
+        with contextlib.suppress(UserError, OSError, KeyError, TypeError, IndexError):
+            if dvc_file.exists() and versioning.tracked_path(dvc_file)[0].resolve() == raw.resolve():
+                data_hash = versioning.data_hash(dvc_file)
+                break
+    data_revision = tracking.git_commit() or ""
+    args: dict[str, Any] = {"raw_data": str(raw.resolve()), "data_hash": data_hash,
+                            "data_revision": data_revision,
+                            "params_yaml": params_text(params.read_text(encoding="utf-8")),
+                            "profile": profile, "overrides": overrides or {}, **parameters}
+    run_dir = new_run_dir(runs_dir)
+    pipeline_root = run_dir / "kfp"
+    (run_dir / "run.json").write_text(json.dumps(
+        {k: v for k, v in args.items() if k != "params_yaml"}, indent=2, sort_keys=True) + "\n")
+    (run_dir / "params.yaml").write_text(params.read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"rlhf run: profile {profile}, data {data_hash[:8] or '?'} ({raw}), "
+          f"run directory {run_dir}", file=out, flush=True)
+
+    from kfp import local
+
+    _patch_oneof()
+    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False)
+    console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
+    env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "OMP_NUM_THREADS",
+                                               "MKL_NUM_THREADS")}
+    if data_hash:
+        os.environ["RLHF_DATA_HASH"] = data_hash
+    note = ""
+    if threads is None:
+        threads, note = auto_threads()
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    if note:
+        print(f"rlhf run: {note}", file=out, flush=True)
+    t0 = time.perf_counter()
+    result = RunResult(run_dir=run_dir, status="failed", seconds=0.0)
+    try:
+        with tracking.pipeline_run(f"local-{run_dir.name}", name=f"pipeline {run_dir.name}",
+                                   tags={"run_dir": str(run_dir), "runner": "kfp-local"}) as prun:
+            if prun.run_id:
+                result.mlflow_run_id, result.tracking_uri = prun.run_id, tracking.display_uri()
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+                       raise_on_error=False)
+            with captured(console):
+                pipeline(**args)
+            failed = console.failed
+            if failed is not None:
+                raise RunFailed(f"{stage_of(failed.name)} failed: {failed.error or 'see its log'}",
+                                hint=f"log: {failed.log}",
+                                exit_code=EXIT_CODES.get(failed.error_type, 1))
+            if not any(stage_of(t) == "evaluate" and s.status == "succeeded" for t, s in console.tasks.items()):
+                raise RunFailed("the pipeline did not reach the evaluate step", hint=f"see {run_dir}/logs/run.log")
+        result.status = "succeeded"
+    except RunFailed as e:
+        result.error = e.one_line()
+        raise
+    finally:
+        for k, v in env_keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        result.seconds = time.perf_counter() - t0
+        result.stage_seconds = {stage_of(t): round(s.ended - s.started, 1) for t, s in console.tasks.items()
+                                if s.ended and s.started}
+        if pipeline_root.exists():
+            result.artifacts = _link_outputs(run_dir, pipeline_root)
+        ev = result.artifacts.get("evaluate")
+        if ev is not None:
+            result.gate = _read_json(ev / "gate.json")
+            result.metrics = _read_json(ev / "metrics.json") or {}
+        reg = result.artifacts.get("register")
+        if reg is not None:
+            result.registration = _read_json(reg / "registration.json")
+        (run_dir / "summary.json").write_text(json.dumps(summary_doc(result), indent=2, sort_keys=True,
+                                                         default=str) + "\n")
+    return result
+
+
+def summary_doc(r: RunResult) -> dict[str, Any]:
+    return {"status": r.status, "seconds": round(r.seconds, 1), "run_dir": str(r.run_dir), "gate": r.gate,
+            "metrics": r.metrics, "artifacts": {k: str(v) for k, v in r.artifacts.items()},
+            "mlflow_run_id": r.mlflow_run_id, "tracking_uri": r.tracking_uri, "registration": r.registration,
+            "stage_seconds": r.stage_seconds, "error": r.error}
+
+
+def _stage_metric(path: Path | None, *keys: str) -> str:
+    m = (_read_json(path / "manifest.json") or {}).get("metrics", {}) if path else {}
+    parts = [f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), (int, float))]
+    return ", ".join(parts)
+
+
+def format_summary(r: RunResult) -> str:
+    """The closing summary ``rlhf run`` prints."""
+    lines = ["", f"Pipeline finished in {r.seconds:.0f} s; run directory {r.run_dir}"]
+    if r.gate is not None:
+        decision = "PASSED" if r.gate.get("passed") else "FAILED"
+        lines.append(f"  gate      {decision}: {r.gate.get('reason', '')}")
+    m = r.metrics
+    if m:
+        def f(k):
+            v = m.get(k)
+            return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+        lines.append(f"  gold      policy {f('policy_gold_mean')} vs SFT {f('baseline_gold_mean')}"
+                     + (f" vs champion {f('champion_gold_mean')}" if "champion_gold_mean" in m else "")
+                     + f"; win rate {f('win_rate_gold_vs_baseline')}")
+        lines.append(f"  reward    policy {f('policy_rm_mean')} vs SFT {f('baseline_rm_mean')}; "
+                     f"KL to SFT {f('kl_to_baseline')} nats")
+    for stage, keys in (("sft", ("eval_loss",)), ("reward", ("eval_accuracy", "gold_agreement")),
+                        ("ppo", ("start_score", "score", "start_gold", "gold", "kl"))):
+        text = _stage_metric(r.artifacts.get(stage), *keys)
+        if text:
+            lines.append(f"  {stage:<9} {text}")
+    if "ppo" in r.artifacts:
+        lines.append(f"  model     {r.artifacts['ppo']}")
+    if "evaluate" in r.artifacts:
+        lines.append(f"  report    {r.artifacts['evaluate'] / 'report.html'}")
+    if r.registration:
+        reg = r.registration
+        if reg.get("registered"):
+            aliases = ", ".join(reg.get("aliases") or []) or "no aliases"
+            lines.append(f"  registry  {reg.get('model_name')} v{reg.get('version')} ({aliases}): "
+                         f"{reg.get('decision', '')}".rstrip(": "))
+        else:
+            lines.append(f"  registry  not registered: {reg.get('reason', '')}")
+    elif r.gate is not None and not r.gate.get("passed"):
+        lines.append("  registry  not registered (the gate failed); champion unchanged")
+    if r.mlflow_run_id:
+        lines.append(f"  MLflow    run {r.mlflow_run_id} at {r.tracking_uri}")
+        if (r.tracking_uri or "").startswith("sqlite:"):
+            lines.append(f"            browse: mlflow ui --backend-store-uri {r.tracking_uri}")
+    else:
+        lines.append("  MLflow    off (RLHF_TRACKING=off)")
+    if r.stage_seconds:
+        lines.append("  timings   " + ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_seconds.items()))
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""The step runner: one stage of the table on local paths, called by every door.
+
+* :func:`run_stage`: the stage function with its resolved configs (the CLI and ``dvc repro`` call
+  it through ``rlhf <stage>``; the KFP steps and Trainer jobs through :func:`run_component`);
+* :func:`kfp_step`: the body of every generated KFP component (``components.py``): artifacts and
+  pipeline parameters in, :func:`run_component`, artifacts out;
+* :func:`register`: the register stage (the registry, or a receipt saying why not);
+* :func:`parent_run`: the MLflow parent run of a pipeline run around one step.
+
+No KFP imports here: the generated components import this module inside their bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rlhf.config.resolve import KNOB_NAMES, RunConfig
+from rlhf.errors import ConfigError
+from rlhf.pipeline.stages import CHAMPION, STAGE_NAMES, STAGES, TRAINING_STAGES, stage
+
+__all__ = ["run_stage", "run_component", "kfp_step", "kfp_job", "register", "fetch_champion", "gate_decision",
+           "parent_run", "numeric_metrics", "setup_logging", "STAGES", "STAGE_NAMES", "TRAINING_STAGES",
+           "CHAMPION", "stage"]
+
+log = logging.getLogger("rlhf")
+
+
+def setup_logging() -> None:
+    """Progress lines of the stages on stderr (a KFP step's log), as the CLI prints them."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _function(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def run_stage(name: str, inputs: dict[str, str | Path | None], out: str | Path, run: RunConfig, *,
+              run_id: str = "", data_hash: str = "", data_revision: str = "") -> dict[str, Any]:
+    """Run one stage on local paths with the run's configuration. Returns the stage's metrics.
+
+    ``inputs`` maps the stage's input names to paths (optional ones may be None; evaluate's
+    ``champion`` may be :data:`CHAMPION`: fetch it from the registry).
+    """
+    spec = stage(name)
+    missing = [i.name for i in spec.required_inputs if not inputs.get(i.name)]
+    if missing:
+        raise ConfigError(f"stage {name}: missing input(s) {', '.join(missing)}")
+    configs = [run.section(s) for s in spec.sections]
+    optional = {i.name: inputs.get(i.name) or None for i in spec.inputs if i.optional}
+    if optional.get("champion") == CHAMPION:
+        optional["champion"] = fetch_champion(run)
+    args = [inputs[i.name] for i in spec.required_inputs]
+    if name == "register":
+        return register(*args, out, *configs, run=run, run_id=run_id, data_hash=data_hash,
+                        data_revision=data_revision)
+    return _function(spec.func)(*args, out, *configs, **optional)
+
+
+def register(policy: str | Path, reward_model: str | Path, evaluation: str | Path, out: str | Path, cfg,
+             *, run: RunConfig, run_id: str = "", data_hash: str = "", data_revision: str = "") -> dict[str, Any]:
+    """Register the evaluated policy (and reward model) in MLflow through :func:`rlhf.mlops.registry.register`.
+
+    Writes the receipt to ``out`` (a ``.json`` file). With tracking off there is no registry: the
+    receipt says so and nothing else happens. The version's ``pipeline_config_hash`` is the
+    fingerprint of ``run``: the configuration that was trained.
+    """
+    from rlhf.io import write_json
+    from rlhf.mlops import tracking
+
+    if not tracking.enabled():
+        doc: dict[str, Any] = {"registered": False, "model_name": cfg.model_name,
+                               "reason": "tracking is off (RLHF_TRACKING=off): no model registry"}
+    else:
+        from rlhf.mlops import registry
+
+        pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or run_id or None
+        doc = {"registered": True, **registry.register(
+            policy, reward_model, evaluation, cfg, pipeline_run_id=pipeline_run_id,
+            config_fingerprint=run.fingerprint())}
+    doc.update({"data_hash": data_hash, "data_revision": data_revision})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, json.loads(json.dumps(doc, default=str)))
+    log.info("[register] %s", doc.get("decision") or doc.get("reason"))
+    return doc
+
+
+def fetch_champion(run: RunConfig) -> Path | None:
+    """The registry's current champion policy as a local directory, or None (none yet, or tracking off)."""
+    from rlhf.mlops import tracking
+
+    if not tracking.enabled():
+        return None
+    from rlhf.mlops import registry
+
+    path = registry.champion_dir(run.section("register"))
+    log.info("[evaluate] champion: %s", path or "none yet")
+    return path
+
+
+def gate_decision(evaluation_dir: str | Path) -> str:
+    """``passed`` or ``failed``: the evaluate stage's gate.json (what the pipeline's dsl.If reads)."""
+    gate = json.loads((Path(evaluation_dir) / "gate.json").read_text())
+    return "passed" if gate.get("passed") else "failed"
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics dict (what KFP's Metrics artifact accepts)."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ KFP steps
+
+
+def _tag_artifact(artifact: Any, path: Path) -> None:
+    """Copy the manifest's identity (kind, content hash) into a KFP artifact's metadata."""
+    mf = path / "manifest.json"
+    if artifact is not None and hasattr(artifact, "metadata") and mf.exists():
+        m = json.loads(mf.read_text())
+        artifact.metadata.update({k: m[k] for k in ("kind", "content_hash", "schema_version") if m.get(k)})
+
+
+def step_config(params_yaml: str, profile: str, overrides: dict | None, knobs: dict[str, Any] | None
+                ) -> RunConfig:
+    """A step's configuration from its pipeline parameters ('' profile: the file's / $RLHF_PROFILE)."""
+    return RunConfig.from_text(params_yaml or "{}", profile=profile or None, overrides=overrides, knobs=knobs)
+
+
+def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: str, profile: str = "",
+                  overrides: dict[str, dict[str, Any]] | None = None, knobs: dict[str, Any] | None = None,
+                  metrics: Any = None, html: Any = None, run_id: str = "", data_hash: str = "",
+                  data_revision: str = "") -> dict[str, Any]:
+    """One stage inside a pipeline step: KFP artifacts (or paths) in, :func:`run_stage`, artifacts out.
+
+    ``inputs`` maps input names to KFP input artifacts (anything with ``.path``), plain paths, or
+    None; ``out`` is the output artifact; ``metrics`` / ``html`` the optional Metrics / HTML outputs.
+    """
+    setup_logging()
+    if run_id:
+        os.environ.setdefault("KFP_RUN_ID", run_id)
+    if data_hash:
+        os.environ.setdefault("RLHF_DATA_HASH", data_hash)
+    if profile and profile.lower() not in ("none", "base"):
+        os.environ["RLHF_PROFILE"] = profile
+    run = step_config(params_yaml, profile, overrides, knobs)
+    spec = stage(name)
+    paths = {k: (getattr(v, "path", v) if v is not None else None) for k, v in inputs.items()}
+    out_dir = Path(getattr(out, "path", out))
+    target = out_dir / spec.output.file if spec.output.file else out_dir
+    with parent_run(run_id):
+        result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
+                           data_revision=data_revision)
+    _tag_artifact(out, out_dir)
+    if metrics is not None:
+        for k, v in numeric_metrics(result).items():
+            metrics.log_metric(k, v)
+    if html is not None:
+        report = out_dir / "report.html"
+        if report.exists():
+            Path(html.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report, html.path)
+    log.info("[%s] done: %s", name, json.dumps(numeric_metrics(result), sort_keys=True)[:400])
+    return result
+
+
+def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
+    """A generated component's arguments -> the stage's inputs (raw data fetched, champion resolved)."""
+    inputs: dict[str, Any] = {}
+    for i in stage(name).inputs:
+        if i.kind == "raw":
+            from rlhf.data.remote import resolve_raw
+
+            inputs[i.name] = resolve_raw(args["raw_data"], args["data_hash"], tmp)
+        elif i.kind == "champion":
+            inputs[i.name] = CHAMPION if args.get("compare_champion") else None
+        else:
+            inputs[i.name] = args[i.name]
+    return inputs
+
+
+def kfp_step(name: str, args: dict[str, Any]) -> str | None:
+    """The body of the generated KFP component of stage ``name`` (``args``: the component's ``locals()``)."""
+    spec = stage(name)
+    setup_logging()
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as tmp:
+        run_component(name, inputs=_step_inputs(name, args, tmp), out=args[spec.output.name],
+                      metrics=args.get("metrics"), html=args.get("report"), params_yaml=args["params_yaml"],
+                      profile=args["profile"], overrides=args.get("overrides"),
+                      knobs={k: args[k] for k in KNOB_NAMES if k in args}, run_id=args["run_id"],
+                      data_hash=args.get("data_hash", ""), data_revision=args.get("data_revision", ""))
+    return gate_decision(args[spec.output.name].path) if spec.returns_gate else None
+
+
+#: the multi-node launcher components' own parameters (what :func:`kfp_job` hands to the job builder)
+LAUNCHER_PARAMETERS = ("num_nodes", "accelerator_type", "accelerator_limit", "cpu", "memory", "node_selector",
+                       "tolerations", "image", "namespace", "job_kind", "scratch_url", "timeout_s")
+
+
+def kfp_job(name: str, args: dict[str, Any]) -> None:
+    """The body of a generated multi-node launcher: run stage ``name`` as a Kubeflow Trainer job."""
+    from rlhf.pipeline import multinode
+
+    setup_logging()
+    spec = stage(name)
+    run = step_config(args["params_yaml"], args["profile"], args.get("overrides"),
+                      {k: args[k] for k in KNOB_NAMES if k in args})
+    multinode.run_stage_job(
+        name, inputs={i.name: args[i.name] for i in spec.inputs}, out=args[spec.output.name],
+        metrics=args.get("metrics"), params_yaml=args["params_yaml"], profile=args["profile"],
+        overrides=run.overrides, run_id=args["run_id"], num_nodes=args["num_nodes"],
+        accelerator_type=args["accelerator_type"], gpus_per_node=args["accelerator_limit"], cpu=args["cpu"],
+        memory=args["memory"], node_selector=args["node_selector"], tolerations=args["tolerations"],
+        image=args["image"], namespace=args["namespace"], kind=args["job_kind"], scratch_url=args["scratch_url"],
+        timeout_s=args["timeout_s"])
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str):
+    """The MLflow parent run of this pipeline run around one step.
+
+    ``rlhf run`` owns the parent itself (``RLHF_PARENT_RUN_ID`` is set); on a cluster each step finds
+    or creates it by the KFP run id (``tracking.start_pipeline_run``) and leaves it FINISHED, or
+    FAILED when the step fails, so the parent's status is that of the last step that ran.
+    """
+    from rlhf.mlops import tracking
+
+    if not tracking.enabled() or os.environ.get("RLHF_PARENT_RUN_ID") or not run_id:
+        yield
+        return
+    parent = tracking.start_pipeline_run(run_id, name=f"pipeline {run_id}")
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        tracking.end_pipeline_run(status, parent)
