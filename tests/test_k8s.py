@@ -3,9 +3,10 @@
 * ``kubectl kustomize`` builds the base, every overlay and the pipeline-namespace
   config; ``kubernetes-validate --strict`` checks every object against the schemas
   of Kubernetes ``K8S_VERSION`` (unknown fields and wrong types fail).
-* CRD manifests (TrainJob, TrainingRuntime, PyTorchJob) have no schema offline: their
-  structure is checked here, and the Pod/Job templates embedded in them are validated
-  as core objects.
+* Custom resources (TrainJob, TrainingRuntime, PyTorchJob), in the builds and in k8s/jobs/,
+  are validated strictly against the CRDs vendored in k8s/crds/ (Kubeflow Trainer v2.3.0,
+  Training Operator v1.9.4; tests/crd_schemas.py), and the Pod/Job templates embedded in
+  them as core objects. The vendored CRDs are checked to be the upstream files.
 * Every container: resources (requests + limits) and a hardened securityContext.
 * ``yamllint`` on k8s/ and .github/, ``hadolint`` on every Dockerfile.
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import crd_schemas
 import pytest
 import yaml
 
@@ -123,10 +125,17 @@ def pod_specs(doc: dict) -> list[tuple[str, dict, dict]]:
             out.append((f"{where}/{rj['name']}", tpl.get("metadata", {}), tpl["spec"]))
         return out
     if kind == "TrainJob":
+        # what the job itself gives the "node" pods: spec.trainer and the runtime patches' pod fields
         trainer = spec["trainer"]
         container = {k: trainer[k] for k in ("image", "command", "args", "env") if k in trainer}
         container.update(name="node", resources=trainer["resourcesPerNode"])
-        return [(where, doc["metadata"], {"containers": [container]})]
+        meta, pod = {}, {"containers": [container]}
+        for patch in spec.get("runtimePatches", []):
+            for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+                tpl = rj["template"]["spec"]["template"]
+                meta.update(tpl.get("metadata", {}))
+                pod.update(tpl.get("spec", {}))
+        return [(where, meta, pod)]
     return []
 
 
@@ -217,6 +226,10 @@ def test_build_validates_strictly(builds, name):
     validated = sum(1 for line in report.splitlines() if line.startswith("INFO") and "passed" in line)
     non_crd = [d for d in build["docs"] if (d["apiVersion"], d["kind"]) not in CRD_KINDS]
     assert validated == len(non_crd), report
+    # ... and the custom resources against the vendored CRDs, as built (namespace, labels, patches applied)
+    for d in build["docs"]:
+        if (d["apiVersion"], d["kind"]) in CRD_KINDS:
+            assert crd_schemas.violations(d) == [], f"{name}: {d['kind']}/{d['metadata']['name']}"
 
 
 def test_namespaces(builds):
@@ -479,12 +492,19 @@ def test_gpu_quota_and_conventions(builds):
         assert hard == {"requests.nvidia.com/gpu": n}
     runtime = find(builds["prod"]["docs"], "TrainingRuntime", "rlhf-torch")
     for where, meta, pod in pod_specs(runtime):
-        assert pod["nodeSelector"] == GPU_SELECTOR, where
+        # the TrainJob's runtime patch sets the selector; one here could not be removed by it
+        assert "nodeSelector" not in pod, where
         assert GPU_TOLERATION in pod["tolerations"], where
         assert meta["labels"]["rlhf.io/pipeline-pod"] == "true", where
         assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"]), (
             f"{where}: /dev/shm"
         )
+        for c in pod["containers"]:  # merged key by key with the job's: no GPU of its own to leak
+            assert not any("gpu" in k for part in c["resources"].values() for k in part), where
+    (tj,) = load_all((K8S / "jobs/trainjob-ppo.yaml").read_text())
+    for where, meta, pod in pod_specs(tj):
+        assert pod["nodeSelector"] == GPU_SELECTOR and pod["tolerations"] == [GPU_TOLERATION], where
+        assert meta["labels"]["rlhf.io/pipeline-pod"] == "true", where
 
 
 def test_retrain_cronjob(builds):
@@ -511,6 +531,7 @@ def test_crd_templates_structure():
     runtime = load_all((K8S / "components/trainer-runtime/trainingruntime.yaml").read_text())
     for doc in docs + runtime:
         assert (doc["apiVersion"], doc["kind"]) in CRD_KINDS, doc.get("kind")
+        assert crd_schemas.violations(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
         assert len(doc["metadata"]["name"]) <= 63
 
@@ -524,7 +545,7 @@ def test_crd_templates_structure():
     gpus = trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
     assert gpus == trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
     cmd = trainer["command"] + trainer["args"]
-    # the multi-node entry point pipelines/multinode.py starts: python -m rlhf.pipeline.jobs job ... -- <torchrun flags>
+    # the multi-node entry point src/rlhf/pipeline/multinode.py starts: python -m rlhf.pipeline.jobs job ... -- <torchrun flags>
     assert cmd[:7] == ["python", "-m", "rlhf.pipeline.jobs", "job", "--stage", "ppo", "--scratch"]
     rendezvous = cmd[cmd.index("--") + 1 :]
     for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port"):
@@ -535,7 +556,7 @@ def test_crd_templates_structure():
         assert var in defined, f"TrainJob uses $({var}) without defining it"
 
     rt = runtime[0]["spec"]
-    assert "torch" in rt["mlPolicy"]
+    assert rt["mlPolicy"]["torch"] == {}, "processes per node come from the TrainJob (numProcPerNode)"
     (rjob,) = rt["template"]["spec"]["replicatedJobs"]
     assert rjob["name"] == "node"
     assert rjob["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
@@ -585,6 +606,60 @@ def test_crd_embedded_templates_validate(tmp_path):
     res = validate(out)
     report = res.stdout + res.stderr
     assert res.returncode == 0 and "WARN" not in report and "ERROR" not in report, report
+
+
+# ---------------------------------------------------------------------------- vendored CRDs
+
+
+def test_vendored_crds_are_the_upstream_files():
+    readme = (K8S / "crds/README.md").read_text()
+    files = crd_schemas.crd_files()
+    assert {f.parent.name for f in files} == {"trainer-v2.3.0", "training-operator-v1.9.4"}
+    for f in files:
+        rel = f"{f.parent.name}/{f.name}"
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{rel}` |")]
+        tag = f.parent.name.rsplit("-", 1)[1]
+        blob = re.findall(r"`([0-9a-f]{40})`", row)
+        assert f"| {tag} |" in row, rel
+        assert blob == [crd_schemas.upstream_blob_id(f)], f"{rel}: not the upstream file, or README stale"
+        header = f.read_text().splitlines()[: crd_schemas.HEADER_LINES]
+        assert header[0] == "# yamllint disable-file" and f"kubeflow/trainer {tag};" in header[1], rel
+    assert set(crd_schemas.schemas()) == CRD_KINDS, "every custom resource we ship has its CRD"
+
+
+RUNTIME_POD = ["spec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec"]
+PATCH_POD = ["spec", "runtimePatches", 0, "trainingRuntimeSpec", "template", "spec", "replicatedJobs", 0,
+             "template", "spec", "template", "spec"]
+BROKEN_CRS = [  # the first four: Kubeflow Trainer v2.0 fields that v2.3 dropped (pruned without a word)
+    ("TrainJob", ["spec", "podSpecOverrides"], [{"targetJobs": [{"name": "node"}]}], "'podSpecOverrides'"),
+    ("TrainJob", ["spec", "labels"], {"rlhf.io/pipeline-pod": "true"}, "'labels' was unexpected"),
+    ("TrainJob", ["spec", "trainer", "numProcPerNode"], "auto", "is not of type 'integer'"),
+    ("TrainingRuntime", ["spec", "mlPolicy", "torch", "numProcPerNode"], "auto", "'numProcPerNode'"),
+    ("TrainingRuntime", [*RUNTIME_POD, "containers", 0, "imagePullPolicyy"], "Always", "'imagePullPolicyy'"),
+    ("TrainJob", [*PATCH_POD, "priorityClassName"], "high", "'priorityClassName' was unexpected"),
+    ("TrainJob", ["metadata", "name"], "rlhf-PPO", "RFC 1035"),
+    ("TrainJob", ["spec", "runtimePatches", 1], {"manager": "rlhf.io/launcher"}, "duplicate keys"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind, path, value, expect", BROKEN_CRS, ids=[".".join(map(str, c[1])) for c in BROKEN_CRS]
+)
+def test_crd_validation_rejects_what_the_api_server_would_prune_or_refuse(kind, path, value, expect):
+    files = {"TrainJob": K8S / "jobs/trainjob-ppo.yaml",
+             "TrainingRuntime": K8S / "components/trainer-runtime/trainingruntime.yaml"}
+    (good,) = load_all(files[kind].read_text())
+    assert crd_schemas.violations(good) == []
+    bad = copy.deepcopy(good)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    if isinstance(node, list):
+        node.insert(path[-1], value)
+    else:
+        node[path[-1]] = value
+    errors = crd_schemas.violations(bad)
+    assert any(expect in e for e in errors), errors
 
 
 # ---------------------------------------------------------------------------- the validator can fail

@@ -5,30 +5,58 @@ With ``num_nodes > 1`` the pipeline's sft / reward / ppo steps are thin CPU laun
 
 1. the step's inputs (downloaded by KFP into the launcher pod) and the fully resolved stage config
    are copied to ``<scratch>/<kfp run id>/<stage>/`` in object storage (the DVC bucket by default);
-2. a ``TrainJob`` (Kubeflow Trainer v2, runtime ``rlhf-torch`` from
-   ``k8s/components/trainer-runtime``) or a ``PyTorchJob`` (Training Operator v1) is created in the
-   training namespace: N nodes x G GPUs, the step's resources, node selector, tolerations and
-   environment (ConfigMap/Secret *references*, never values); every node runs
-   ``python -m rlhf.pipeline.jobs job`` which stages the inputs and runs
-   ``torchrun <rendezvous> -m rlhf.cli <stage> ...``; node 0 uploads the output;
+2. a ``TrainJob`` (Kubeflow Trainer v2.3, ``trainer.kubeflow.org/v1alpha1``, runtime ``rlhf-torch``
+   from ``k8s/components/trainer-runtime``) or a ``PyTorchJob`` (Training Operator v1) is created in
+   the training namespace: N nodes x G GPUs, the step's resources and environment (ConfigMap/Secret
+   *references*, never values); every node runs ``python -m rlhf.pipeline.jobs job`` which stages the inputs
+   and runs ``torchrun <rendezvous> -m rlhf.cli <stage> ...``; node 0 uploads the output;
 3. the launcher polls the job, printing condition and pod phase changes (the KFP step log), and
    fails the step when the job fails (with the failed pods' last log lines) or times out;
 4. the job's output becomes the step's output artifact (so downstream steps do not change).
 
-The spec builders are pure functions (tested against the CRDs' structure and the templates in
-``k8s/jobs/``); the Kubernetes API is only touched by :func:`launch_and_wait`.
+TrainJob fields (Trainer v2.3; the CRDs are vendored in ``k8s/crds/trainer-v2.3.0/`` and the tests
+validate every job we build against them, unknown fields being errors):
+
+* ``spec.trainer``: image, command/args, env, ``numNodes``, ``numProcPerNode`` (an integer: the
+  ``auto`` string and ``mlPolicy.torch.numProcPerNode`` of v2.0 are gone) and ``resourcesPerNode``,
+  which the Trainer merges key by key into the runtime's ``node`` container resources (so we set every
+  key: cpu and memory requests and limits, the accelerator);
+* ``spec.runtimePatches`` (v2.2+; ``podSpecOverrides`` and ``spec.labels`` were removed and the API
+  server would silently prune them): one patch owned by manager ``rlhf.io/launcher`` that sets the
+  ``node`` pods' labels, service account, node selector and tolerations;
+* ``spec.activeDeadlineSeconds``: the controller fails the job at the step's timeout even if this
+  launcher is gone.
+
+Kubernetes client: the official ``kubernetes`` Python client (``CustomObjectsApi`` for the jobs,
+``CoreV1Api`` for pods and logs), wrapped by :class:`KubeApi`. The Kubeflow SDK
+(``kubeflow.trainer.TrainerClient``, 0.5) was considered and not used: its ``CustomTrainerContainer``
+takes env as literal strings only (no ConfigMap/Secret references, so credentials would be copied into
+the TrainJob), has no ``numProcPerNode``, sets resource requests equal to limits, reads the
+``TrainingRuntime`` before every submission (one more permission for the pipeline's Role), cannot
+create a PyTorchJob, and brings ``kubeflow-trainer-api``/``kubeflow-katib-api`` with a pinned
+``kubernetes`` range. We build the manifest ourselves and check it against the CRDs instead.
+
+Whatever ends the wait other than success (the job failed or timed out, an API error, SIGTERM from KFP
+or Kubernetes stopping the launcher pod, Ctrl-C) deletes the job, so that no orphaned pods hold GPUs;
+the failed pods' last log lines are printed first.
+
+The spec builders are pure functions; the Kubernetes API is only touched through the ``api`` object
+given to :func:`launch_and_wait` (a :class:`KubeApi` by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +68,10 @@ TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 KINDS = {"TrainJob": TRAINJOB, "PyTorchJob": PYTORCHJOB}
 RUNTIME = "rlhf-torch"
+#: the runtime's replicated job (and container) that the Trainer fills from ``spec.trainer``
+TRAINER_NODE = "node"
+#: owner of our entry in a TrainJob's ``spec.runtimePatches`` (the Trainer wants a domain-prefixed path)
+PATCH_MANAGER = "rlhf.io/launcher"
 SERVICE_ACCOUNT = "rlhf-pipeline"
 CONFIG_MAP = "rlhf-config"
 STORAGE_SECRET = "rlhf-storage"
@@ -53,10 +85,13 @@ POD_LABELS = {"app.kubernetes.io/part-of": "rlhf", "rlhf.io/pipeline-pod": "true
 TRAINJOB_RENDEZVOUS = ["--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)",
                        "--node-rank=$(PET_NODE_RANK)", "--master-addr=$(PET_MASTER_ADDR)",
                        "--master-port=$(PET_MASTER_PORT)"]
+#: set by the Trainer's torch plugin; a TrainJob that sets them itself is rejected
+TORCH_RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                      "PET_MASTER_PORT")
 
 
 class JobFailed(RuntimeError):
-    """The training job failed, was deleted, or did not finish in time."""
+    """The training job failed, was deleted, did not finish in time, or the launcher was stopped."""
 
 
 def job_name(stage: str, run_id: str = "") -> str:
@@ -78,12 +113,19 @@ def env_list(extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(gpus: int, accelerator_type: str, cpu: str, memory: str) -> dict[str, dict[str, str]]:
+def _resources(gpus: int, accelerator_type: str, cpu: str, memory: str,
+               cpu_limit: bool = False) -> dict[str, dict[str, str]]:
     req = {"cpu": str(cpu), "memory": str(memory)}
     lim = {"memory": str(memory)}
+    if cpu_limit:
+        lim["cpu"] = str(cpu)
     if gpus > 0:
         req[accelerator_type] = lim[accelerator_type] = str(gpus)
     return {"requests": req, "limits": lim}
+
+
+def _pod_labels(stage: str) -> dict[str, str]:
+    return {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
 
 
 def _check(num_nodes: int, gpus_per_node: int) -> None:
@@ -97,41 +139,53 @@ def build_trainjob(*, name: str, namespace: str, stage: str, image: str, num_nod
                    scratch_url: str, cpu: str = "4", memory: str = "32Gi",
                    accelerator_type: str = "nvidia.com/gpu", node_selector: dict[str, str] | None = None,
                    tolerations: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
-                   runtime: str = RUNTIME, service_account: str = SERVICE_ACCOUNT) -> dict[str, Any]:
-    """A ``trainer.kubeflow.org/v1alpha1`` TrainJob running ``stage`` on ``num_nodes`` nodes.
+                   runtime: str = RUNTIME, service_account: str = SERVICE_ACCOUNT,
+                   active_deadline_s: int | None = None) -> dict[str, Any]:
+    """A ``trainer.kubeflow.org/v1alpha1`` TrainJob (Trainer v2.3) running ``stage`` on ``num_nodes`` nodes.
 
-    The runtime supplies the pod template (non-root, /dev/shm, /tmp); the job sets the image, the
-    command, nodes x processes, resources, env, and overrides node selector, tolerations and
-    service account of the ``node`` replicated job.
+    The runtime supplies the pod template (non-root, /dev/shm, /tmp, the ConfigMap/Secret as envFrom);
+    ``spec.trainer`` sets the image, the command, nodes x processes (one per GPU, at least one), the
+    resources and the env; one ``runtimePatches`` entry sets the ``node`` pods' labels, service account,
+    node selector and tolerations (the runtime has no node selector of its own, so the pipeline's
+    selector decides where the pods go).
     """
     from rlhf.pipeline import jobs
 
     _check(num_nodes, gpus_per_node)
+    reserved = sorted(set(env or {}) & set(TORCH_RESERVED_ENV))
+    if reserved:
+        raise ValueError(f"env must not set {', '.join(reserved)}: Kubeflow Trainer sets them on every node")
     cmd = jobs.job_command(stage, scratch_url, TRAINJOB_RENDEZVOUS)
-    labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
-    override: dict[str, Any] = {"targetJobs": [{"name": "node"}], "serviceAccountName": service_account}
+    labels = _pod_labels(stage)
+    pod_spec: dict[str, Any] = {"serviceAccountName": service_account}
     if node_selector:
-        override["nodeSelector"] = dict(node_selector)
+        pod_spec["nodeSelector"] = dict(node_selector)
     if tolerations:
-        override["tolerations"] = [dict(t) for t in tolerations]
+        pod_spec["tolerations"] = [dict(t) for t in tolerations]
+    patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
+        {"name": TRAINER_NODE,
+         "template": {"spec": {"template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}}}]}}}}
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": runtime, "apiGroup": TRAINJOB[0], "kind": "TrainingRuntime"},
+        "trainer": {
+            "image": image,
+            "command": cmd[:3],
+            "args": cmd[3:],
+            "env": env_list({"RLHF_NUM_NODES": str(num_nodes), **(env or {})}),
+            "numNodes": int(num_nodes),
+            "numProcPerNode": max(int(gpus_per_node), 1),
+            # merged key by key into the runtime's resources: set the cpu limit too (or the runtime's stays)
+            "resourcesPerNode": _resources(gpus_per_node, accelerator_type, cpu, memory, cpu_limit=True),
+        },
+        "runtimePatches": [patch],
+    }
+    if active_deadline_s:
+        spec["activeDeadlineSeconds"] = int(active_deadline_s)
     return {
         "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}",
         "kind": "TrainJob",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {
-            "runtimeRef": {"name": runtime, "apiGroup": TRAINJOB[0], "kind": "TrainingRuntime"},
-            "labels": dict(POD_LABELS),
-            "trainer": {
-                "image": image,
-                "command": cmd[:3],
-                "args": cmd[3:],
-                "env": env_list({"RLHF_NUM_NODES": str(num_nodes), **(env or {})}),
-                "numNodes": int(num_nodes),
-                "numProcPerNode": int(gpus_per_node) if gpus_per_node > 0 else "auto",
-                "resourcesPerNode": _resources(gpus_per_node, accelerator_type, cpu, memory),
-            },
-            "podSpecOverrides": [override],
-        },
+        "spec": spec,
     }
 
 
@@ -149,7 +203,7 @@ def build_pytorchjob(*, name: str, namespace: str, stage: str, image: str, num_n
     rendezvous = [f"--nnodes={num_nodes}", f"--nproc-per-node={nproc}", "--node-rank=$(RANK)",
                   "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
     cmd = jobs.job_command(stage, scratch_url, rendezvous)
-    labels = {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
+    labels = _pod_labels(stage)
     pod_env = env_list({"RLHF_NUM_NODES": str(num_nodes), "RLHF_NPROC_PER_NODE": str(nproc),
                         "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "HF_HOME": "/tmp/.cache/huggingface",
                         "RLHF_CACHE": "/tmp/rlhf-cache", **(env or {})})
@@ -197,8 +251,7 @@ def build_pytorchjob(*, name: str, namespace: str, stage: str, image: str, num_n
 
 def build_job(kind: str, **kw) -> dict[str, Any]:
     if kind == "TrainJob":
-        kw.pop("active_deadline_s", None)
-        kw.pop("shm_size", None)
+        kw.pop("shm_size", None)  # /dev/shm comes from the runtime
         return build_trainjob(**kw)
     if kind == "PyTorchJob":
         return build_pytorchjob(**kw)
@@ -231,17 +284,22 @@ def pod_selector(obj: dict[str, Any]) -> str:
 
 
 class KubeApi:
-    """The few Kubernetes calls the launcher makes (replaced by a fake in tests)."""
+    """The few Kubernetes calls the launcher makes, through the official ``kubernetes`` client.
 
-    def __init__(self):
+    ``api_client`` is a ``kubernetes.client.ApiClient``; by default the in-cluster configuration
+    (the launcher pod's ServiceAccount), else ``~/.kube/config``.
+    """
+
+    def __init__(self, api_client: Any = None):
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        self.custom = client.CustomObjectsApi()
-        self.core = client.CoreV1Api()
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
 
     def create(self, obj: dict[str, Any]) -> None:
         g, v, plural, _ = KINDS[obj["kind"]]
@@ -265,14 +323,62 @@ class KubeApi:
         return self.core.read_namespaced_pod_log(pod, namespace, tail_lines=tail)
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM (KFP or Kubernetes stopping the launcher pod) into an exception, so ``finally`` runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum, frame):
+        raise JobFailed(f"the launcher got {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _delete(api: Any, kind: str, ns: str, name: str, echo: Callable[[str], None]) -> None:
+    """Delete the job (its pods go with it); never raises, so the reason the wait ended stays the error."""
+    try:
+        api.delete(kind, ns, name)
+        echo(f"[{name}] deleted {kind} {ns}/{name} (and its pods)")
+    except Exception as e:  # noqa: BLE001 - the original error matters more; say how to clean up
+        if getattr(e, "status", None) == 404:
+            return
+        echo(f"[{name}] could not delete {kind} {ns}/{name}: {e}; delete it by hand: "
+             f"kubectl delete {KINDS[kind][2]}.{KINDS[kind][0]} -n {ns} {name}")
+
+
 def launch_and_wait(obj: dict[str, Any], api: Any = None, *, poll_s: float = 15.0, timeout_s: float = 86400,
                     echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
                     sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Create the job, stream its status until it ends; raise :class:`JobFailed` unless it succeeded."""
+    """Create the job, stream its status until it ends; raise :class:`JobFailed` unless it succeeded.
+
+    ``api`` has ``create/get/delete/pods/logs`` (:class:`KubeApi` by default). Unless the job
+    succeeded, it is deleted before this returns: failed, timed out, API error, SIGTERM or Ctrl-C.
+    """
     api = api or KubeApi()
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     api.create(obj)
     echo(f"[{name}] created {kind} in namespace {ns}: {obj_summary(obj)}")
+    succeeded = False
+    try:
+        with _sigterm_raises():
+            cur = _wait(api, kind, ns, name, poll_s=poll_s, timeout_s=timeout_s, echo=echo, clock=clock,
+                        sleep=sleep)
+        succeeded = True
+        return cur
+    finally:
+        if not succeeded:
+            _delete(api, kind, ns, name, echo)
+
+
+def _wait(api: Any, kind: str, ns: str, name: str, *, poll_s: float, timeout_s: float,
+          echo: Callable[[str], None], clock: Callable[[], float],
+          sleep: Callable[[float], None]) -> dict[str, Any]:
     seen_conditions: set[tuple] = set()
     phases: dict[str, str] = {}
     deadline = clock() + timeout_s
@@ -307,7 +413,6 @@ def launch_and_wait(obj: dict[str, Any], api: Any = None, *, poll_s: float = 15.
                         pass
             raise JobFailed(f"{kind} {ns}/{name} failed: {msg or 'no reason given'}")
         if clock() > deadline:
-            api.delete(kind, ns, name)
             raise JobFailed(f"{kind} {ns}/{name} did not finish within {timeout_s:.0f} s; deleted it")
         sleep(poll_s)
 
