@@ -122,3 +122,71 @@ def read_manifest(artifact_dir: str | Path, expect_kind: str | None = None) -> d
             f"{artifact_dir} holds a '{manifest.get('kind')}' artifact, expected '{expect_kind}'"
         )
     return manifest
+
+
+def check_output(out: str | Path, *, stage: str, kind: str, inputs: dict[str, str | Path | None] | None = None,
+                 file: bool = False) -> None:
+    """Refuse an output path that writing (and atomically replacing) would destroy data at.
+
+    ``out`` may be absent, an empty directory, or a previous output of the same stage (its
+    ``manifest.json`` names ``kind`` and, where it records one, this ``stage``); with ``file`` it
+    is one file, which may only replace a previous receipt of the stage (a JSON object naming
+    ``stage``). Anything else raises a one-line :class:`~rlhf.errors.UserError`: an input of the
+    run, a path inside or around an input, a directory with other content, a file, the working
+    directory or the installed source, a path under a file.
+    """
+    from rlhf.errors import UserError
+
+    flag = f"rlhf {stage} --out"
+    target = Path(out).expanduser().absolute()
+    real = Path(os.path.realpath(target))
+
+    for parent in real.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} is a file, not a directory", where=f"{flag} {out}",
+                            hint="choose an output path in a directory")
+    for name, p in (inputs or {}).items():
+        if not p or "://" in str(p) or str(p).startswith("@"):
+            continue
+        src = Path(os.path.realpath(Path(p).expanduser().absolute()))
+        if real == src or src in real.parents or real in src.parents:
+            rel = "is" if real == src else ("is inside" if src in real.parents else "contains")
+            raise UserError(f"the output {rel} the input {name} ({p})", where=f"{flag} {out}",
+                            hint="writing it would delete that input; choose another output path")
+    package = Path(os.path.realpath(Path(__file__).parent))
+    for protected, what in ((Path(os.path.realpath(Path.cwd())), "the working directory"),
+                            (package, "the installed rlhf source")):
+        if real == protected or real in protected.parents:
+            raise UserError(f"the output would replace {what} ({protected})", where=f"{flag} {out}",
+                            hint="choose a new or empty output directory, e.g. artifacts/<name>")
+    if not real.exists():
+        return
+    if file:
+        if real.is_dir():
+            raise UserError("is a directory; this stage writes one file", where=f"{flag} {out}",
+                            hint="give a file path, e.g. artifacts/registration.json")
+        try:
+            doc = json.loads(real.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = None
+        legacy = isinstance(doc, dict) and "stage" not in doc and "model_name" in doc  # receipts before 0.2
+        if not isinstance(doc, dict) or doc.get("stage") != stage and not legacy:
+            raise UserError(f"is a file that is not a previous {stage} receipt", where=f"{flag} {out}",
+                            hint="choose a new file path; the existing file is left as it is")
+        return
+    if not real.is_dir():
+        raise UserError("is a file, not an output directory", where=f"{flag} {out}",
+                        hint="choose a new or empty directory; the file is left as it is")
+    entries = [e.name for e in real.iterdir()]
+    if not entries:
+        return
+    try:
+        manifest = json.loads((real / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("kind") == kind and manifest.get("stage", stage) == stage:
+        return
+    found = f"a '{manifest.get('kind')}' artifact" if isinstance(manifest, dict) else \
+        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} and no {MANIFEST}"
+    raise UserError(f"holds {found}, not a previous {stage} output", where=f"{flag} {out}",
+                    hint="choose a new or empty directory; nothing was written")

@@ -54,6 +54,7 @@ class Output:
     help: str
     kfp_type: str = "Model"
     file: str | None = None
+    kind: str = "policy"           # the ``kind`` its manifest records (what a previous output looks like)
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,13 @@ STAGES: tuple[Stage, ...] = (
           "rlhf.data.prepare:prepare",
           inputs=(Input("raw", ("--raw",), "data/raw", "raw data: a JSONL/JSON file or a directory of them",
                         kind="raw"),),
-          output=Output("dataset", "artifacts/dataset", "output dataset directory", "Dataset"),
+          output=Output("dataset", "artifacts/dataset", "output dataset directory", "Dataset", kind="dataset"),
           sections=("prepare",), code=(f"{PY}/data/prepare.py",), done="prepared {out}",
           display="Prepare data", cpu_request=("1", "4Gi"), retries=True),
     Stage("validate", "Check the prepared dataset with Great Expectations; fail before training on any violation.",
           "rlhf.data.validate:validate", inputs=(DATASET,),
-          output=Output("validation", "artifacts/validation", "where the report is written", "Artifact"),
+          output=Output("validation", "artifacts/validation", "where the report is written", "Artifact",
+                        kind="validation-report"),
           sections=("validate",), code=(f"{PY}/data/validate.py",), done="validation passed, report in {out}",
           display="Validate data", cpu_request=("1", "4Gi"), report=True),
     Stage("sft", "Supervised fine-tuning of the policy on the demonstrations (loss on response tokens only).",
@@ -166,7 +168,7 @@ STAGES: tuple[Stage, ...] = (
           "rlhf.train.reward:train_reward",
           inputs=(DATASET, Input("sft", ("--sft",), "artifacts/sft", "SFT policy to initialise from",
                                  source=("sft", "model"))),
-          output=Output("model", "artifacts/reward", "output reward-model directory"),
+          output=Output("model", "artifacts/reward", "output reward-model directory", kind="reward-model"),
           sections=("reward", "model"),
           code=(f"{PY}/train/reward.py", f"{PY}/train/loop.py", f"{PY}/train/models.py"),
           done="reward model written to {out}", display="Reward model", timeout_s=12 * 3600, gpu=True,
@@ -192,7 +194,8 @@ STAGES: tuple[Stage, ...] = (
                         source=("reward", "model")),
                   Input("champion", ("--champion",), "", "current champion policy directory, if any",
                         kind="champion", optional=True)),
-          output=Output("evaluation", "artifacts/evaluation", "where metrics, report and gate go", "Artifact"),
+          output=Output("evaluation", "artifacts/evaluation", "where metrics, report and gate go", "Artifact",
+                        kind="evaluation"),
           sections=("evaluate", "model"), reads=("register",), code=(f"{PY}/evaluate.py", f"{PY}/train/generation.py"),
           done=_evaluate_done, display="Evaluate + gate", timeout_s=4 * 3600, gpu=True, report=True,
           returns_gate=True,
@@ -211,7 +214,7 @@ STAGES: tuple[Stage, ...] = (
                   Input("evaluation", ("--evaluation",), "artifacts/evaluation",
                         "the evaluation (gate.json) of the policy", "Artifact", ("evaluate", "evaluation"))),
           output=Output("registration", "artifacts/registration.json", "receipt (JSON) of what happened",
-                        "Artifact", file="registration.json"),
+                        "Artifact", file="registration.json", kind="registration"),
           sections=("register",), reads=("prepare", "validate", "model", "sft", "reward", "ppo", "evaluate"),
           code=(f"{PY}/mlops/registry.py",), done=_register_done, display="Register model (MLflow)",
           timeout_s=1800, cpu_request=("1", "4Gi"), cache=False, retries=True,

@@ -26,6 +26,7 @@ from typing import Any
 
 from rlhf.config.resolve import KNOB_NAMES, RunConfig
 from rlhf.errors import ConfigError
+from rlhf.io import check_output
 from rlhf.pipeline.stages import CHAMPION, STAGE_NAMES, STAGES, TRAINING_STAGES, stage
 
 __all__ = ["run_stage", "run_component", "kfp_step", "kfp_job", "register", "fetch_champion", "gate_decision",
@@ -62,6 +63,7 @@ def run_stage(name: str, inputs: dict[str, str | Path | None], out: str | Path, 
     missing = [i.name for i in spec.required_inputs if not inputs.get(i.name)]
     if missing:
         raise ConfigError(f"stage {name}: missing input(s) {', '.join(missing)}")
+    check_output(out, stage=name, kind=spec.output.kind, inputs=inputs, file=bool(spec.output.file))
     configs = [run.section(s) for s in spec.sections]
     optional = {i.name: inputs.get(i.name) or None for i in spec.inputs if i.optional}
     if optional.get("champion") == CHAMPION:
@@ -94,7 +96,7 @@ def register(policy: str | Path, reward_model: str | Path, evaluation: str | Pat
         doc = {"registered": True, **registry.register(
             policy, reward_model, evaluation, cfg, pipeline_run_id=pipeline_run_id,
             config_fingerprint=run.fingerprint())}
-    doc.update({"data_hash": data_hash, "data_revision": data_revision})
+    doc.update({"stage": "register", "data_hash": data_hash, "data_revision": data_revision})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, json.loads(json.dumps(doc, default=str)))
     log.info("[register] %s", doc.get("decision") or doc.get("reason"))
