@@ -155,6 +155,35 @@ def test_losses_ignore_masked_positions():
     assert L.value_loss(v, ov, ret2, mask)[0].item() == pytest.approx(vb.item())
 
 
+def test_ppo_loss_is_policy_plus_vf_coef_value_minus_entropy_bonus_and_splits_per_model():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    B, T, r = 3, 6, 4  # the rollout is T wide; the model outputs cover the first r response tokens
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    rollout = {"logprobs": torch.randn(B, T), "advantages": torch.randn(B, T), "values": torch.randn(B, T),
+               "returns": torch.randn(B, T), "response_mask": mask}
+    lp, ent, v = torch.randn(B, r), torch.rand(B, r), torch.randn(B, r)
+    coefs = SimpleNamespace(clip_eps=0.2, vf_clip_eps=0.3, vf_coef=0.1, entropy_coef=0.01)
+    both = L.ppo_loss(rollout, coefs, logprobs=lp, entropy=ent, values=v)
+    m = mask[:, :r]
+    pg, pg_st = L.policy_loss(lp, rollout["logprobs"][:, :r], rollout["advantages"][:, :r], m, 0.2)
+    vf, vf_st = L.value_loss(v, rollout["values"][:, :r], rollout["returns"][:, :r], m, 0.3)
+    expected = pg + 0.1 * vf - 0.01 * L.masked_mean(ent, m)
+    assert both.total.item() == pytest.approx(expected.item(), abs=1e-7)
+    assert set(both.stats) == set(pg_st) | set(vf_st) and both.stats["policy_loss"].item() == pg.item()
+    # one model's outputs alone give that model's part; the parts add up to the total
+    policy_part = L.ppo_loss(rollout, coefs, logprobs=lp, entropy=ent)
+    critic_part = L.ppo_loss(rollout, coefs, values=v)
+    assert policy_part.value is None and critic_part.policy is None
+    assert torch.equal(policy_part.total, both.policy) and torch.equal(critic_part.total, both.value)
+    assert torch.equal(both.policy + both.value, both.total)
+    with pytest.raises(ValueError, match="entropy"):
+        L.ppo_loss(rollout, coefs, logprobs=lp)  # a bonus without the entropy
+    no_bonus = SimpleNamespace(**{**vars(coefs), "entropy_coef": 0.0})
+    assert torch.equal(L.ppo_loss(rollout, no_bonus, logprobs=lp).total, pg)
+
+
 def test_entropy_of_uniform_logits():
     ent = L.entropy_from_logits(torch.zeros(2, 3, 8))
     assert torch.allclose(ent, torch.full((2, 3), torch.log(torch.tensor(8.0)).item()))

@@ -15,7 +15,7 @@ import yaml
 from conftest import ROOT, run_cli
 
 from rlhf.io import sha256_file
-from rlhf.ppo.trainer import TIMING_METRICS
+from rlhf.ppo.metrics import TIMING_METRICS
 
 PPO = {"total_steps": 5, "rollout_batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2, "max_new_tokens": 16,
        "lr": 3e-4, "checkpoint_every": 1, "adaptive_kl": True, "seed": 7}

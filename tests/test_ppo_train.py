@@ -20,10 +20,12 @@ from rlhf.ppo.rollout import (
     RewardNorm,
     RolloutSettings,
     check_special_tokens,
-    make_experience,
+    compute_advantages,
+    sample_responses,
+    score_responses,
     score_rollout,
 )
-from rlhf.ppo.trainer import load_models, minibatch_loss, ppo_update
+from rlhf.ppo.trainer import critic_values, load_models, model_inputs, policy_outputs, ppo_update
 from rlhf.train import models
 
 os.environ["RLHF_TRACKING"] = "off"
@@ -35,6 +37,20 @@ def _settings(cfg: PPOConfig) -> RolloutSettings:
                            forward_batch_size=3, kl_estimator=cfg.kl_estimator,
                            missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
                            whiten_advantages=True, whiten_rewards=False)
+
+
+def make_experience(policy, ref, critic, rm, tok, prompts, settings, beta, norm):
+    """The rollout half of a PPO step as the trainer's loop runs it: sample, score, advantages."""
+    samples = sample_responses(policy, ref, critic, tok, prompts, settings)
+    scores, raw = score_responses(rm, samples, settings, norm)
+    return compute_advantages(samples, scores, raw, settings, beta)
+
+
+def one_graph_loss(policy, critic, mb, cfg) -> L.PPOLoss:
+    """The whole PPO loss of rows ``mb`` in one graph (the trainer back-propagates it one model at a time)."""
+    inputs = model_inputs(mb)
+    return L.ppo_loss(mb, cfg, **policy_outputs(policy, mb, inputs, cfg),
+                      values=critic_values(critic, inputs))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +69,7 @@ def full_models(sft_model, reward_model, tiny_cfg):
 def experience(full_models, prompts):
     cfg, norm, (policy, ref, critic, rm, tok, _) = full_models
     torch.manual_seed(0)
-    exp, _ = make_experience(policy, ref, critic, rm, tok, prompts, _settings(cfg), beta=0.05, norm=norm)
-    return exp
+    return make_experience(policy, ref, critic, rm, tok, prompts, _settings(cfg), beta=0.05, norm=norm)
 
 
 def test_models_for_ppo_have_dropout_off_and_the_right_roles(full_models):
@@ -126,12 +141,13 @@ def test_reward_model_reads_the_eos_token(experience, full_models):
 def test_first_minibatch_has_ratio_one_and_no_clipping(experience, full_models):
     cfg, _, (policy, _, critic, _, _, _) = full_models
     mb = experience.select(torch.arange(len(experience)).flip(0))  # another order, other trimming
-    loss, st = minibatch_loss(policy, critic, mb, cfg)
+    loss = one_graph_loss(policy, critic, mb, cfg)
+    st = loss.stats
     assert st["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
     assert st["clip_frac"].item() == 0.0
     assert st["approx_kl"].item() < 1e-9
     assert st["value_clip_frac"].item() == 0.0
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss.total)
     policy.zero_grad(set_to_none=True)
     critic.zero_grad(set_to_none=True)
 
@@ -151,19 +167,19 @@ class _GradRecorder:
             p.grad = None
 
 
-@pytest.mark.parametrize("micro", [None, 2, 4])
-def test_update_gradients_equal_one_graph_over_the_whole_minibatch(experience, full_models, micro):
+@pytest.mark.parametrize("micro, entropy_coef", [(None, 0.0), (2, 0.0), (4, 0.0), (2, 0.05)])
+def test_update_gradients_equal_one_graph_over_the_whole_minibatch(experience, full_models, micro, entropy_coef):
     """ppo_update back-propagates policy and critic one after the other, micro-batch by micro-batch
-    (weighted by valid tokens): the gradients are those of ``minibatch_loss`` on the whole minibatch."""
+    (weighted by valid tokens): the gradients are those of the one-graph ``ppo_loss`` of the whole
+    minibatch (entropy bonus included)."""
     cfg, _, (policy, _, critic, _, _, _) = full_models
+    c = cfg.model_copy(update={"rollout_batch_size": len(experience), "num_minibatches": 1, "ppo_epochs": 1,
+                               "micro_batch_size": micro, "max_grad_norm": 1e9, "entropy_coef": entropy_coef})
     rec = _GradRecorder([policy, critic])
     rec.zero_grad()
-    loss, _ = minibatch_loss(policy, critic, experience.select(torch.arange(len(experience))), cfg)
-    loss.backward()
+    one_graph_loss(policy, critic, experience.select(torch.arange(len(experience))), c).total.backward()
     rec.step()
     rec.zero_grad()
-    c = cfg.model_copy(update={"rollout_batch_size": len(experience), "num_minibatches": 1, "ppo_epochs": 1,
-                               "micro_batch_size": micro, "max_grad_norm": 1e9})
     stats = ppo_update(policy, critic, experience, c, rec, step=1, info=D.DistInfo())
     expected, got = rec.steps
     assert any(g.abs().sum() > 0 for g in got)
@@ -177,7 +193,7 @@ def test_pad_equal_to_eos_is_rejected_at_load(sft_model, tmp_path):
     tok.pad_token = tok.eos_token
     tok.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="pad"):
-        models.load_tokenizer(tmp_path)  # strict load: the checklist's item 1
+        models.load_tokenizer(tmp_path)  # strict load: docs/ppo.md #1
     fixed = models.load_tokenizer(tmp_path, add_pad=True)  # what load_policy does: a pad of its own
     assert fixed.pad_token_id != fixed.eos_token_id
     with pytest.raises(UserError, match="pad"):
@@ -192,14 +208,14 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(sft_model, rewar
     n_params = sum(p.numel() for p in policy.parameters())
     assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < n_params / 5
     torch.manual_seed(0)
-    exp, _ = make_experience(policy, None, critic, rm, tok, prompts[:4], _settings(cfg), 0.05, RewardNorm())
+    exp = make_experience(policy, None, critic, rm, tok, prompts[:4], _settings(cfg), 0.05, RewardNorm())
     assert torch.equal(exp.logprobs, exp.ref_logprobs)  # LoRA B starts at 0: policy == reference
     with torch.no_grad():  # move the adapter: the policy changes, the reference must not
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(0)
-    exp2, _ = make_experience(policy, None, critic, rm, tok, prompts[:4], _settings(cfg), 0.05, RewardNorm())
+    exp2 = make_experience(policy, None, critic, rm, tok, prompts[:4], _settings(cfg), 0.05, RewardNorm())
     sft, _ = models.load_policy(sft_model, tiny_cfg, for_training=False)
     from rlhf.ppo.rollout import forward_logprobs
 

@@ -99,9 +99,9 @@ class EvaluateConfig(StageConfig):
 
 
 class PPOConfig(StageConfig):
-    """PPO on the policy against the reward model (see ``rlhf.ppo`` for the checklist choices).
+    """PPO on the policy against the reward model (the choices and their reasons: docs/ppo.md).
 
-    Batch arithmetic (checklist 24), per rank: ``rollout_batch_size`` prompts per step, split into
+    Batch arithmetic (docs/ppo.md #24), per rank: ``rollout_batch_size`` prompts per step, split into
     ``num_minibatches`` minibatches (one optimizer step each) of micro-batches of
     ``micro_batch_size`` (gradient accumulation); ``ppo_epochs`` passes over the batch per step.
     The global batch is ``rollout_batch_size * world_size``.
@@ -126,7 +126,7 @@ class PPOConfig(StageConfig):
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="decay over total_steps (to 10% of the peak for linear/cosine)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (checklist 23)")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (docs/ppo.md #23)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping, per model")
     clip_eps: float = Field(0.2, gt=0, description="policy ratio clip")

@@ -18,17 +18,23 @@ with a warning in favour of the previous one.
 The root defaults to ``<out>.checkpoints`` next to the stage output, so the atomic replacement of
 ``<out>`` at the end never touches them (set ``ppo.checkpoint_dir`` to put them on a volume that
 outlives a Kubeflow pod).
+
+:class:`RunCheckpoints` is the trainer's side: at the start, remove what cannot be resumed and load
+the newest checkpoint of the same run (same :func:`fingerprint`); a checkpoint every
+``checkpoint_every`` steps; the checkpoints removed once the final artifact is written.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.io import sha256_file
+from rlhf.config import ModelConfig, PPOConfig
+from rlhf.errors import UserError
+from rlhf.io import read_manifest, sha256_file
+from rlhf.ppo import distributed as D
 
 log = logging.getLogger("rlhf")
 
@@ -235,5 +244,94 @@ def clear_stale(root: str | Path, fingerprint: str) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------- a run's checkpoints
+
+
+def fingerprint(cfg: PPOConfig, model_cfg: ModelConfig, inputs: dict[str, str], world_size: int) -> str:
+    """What makes two runs the same run (so a checkpoint of one may continue the other)."""
+    ignore = {"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
+              "resume", "log_every"}
+    c = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignore}
+    m = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in ("cache_dir",)}
+    blob = json.dumps({"ppo": c, "model": m, "inputs": inputs, "world_size": world_size}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def artifact_id(path: str | Path) -> str:
+    """An input artifact's identity for :func:`fingerprint`: its content hash, else its resolved path."""
+    try:
+        return read_manifest(path).get("content_hash") or str(Path(path).resolve())
+    except UserError:
+        return str(Path(path).resolve())
+
+
+def checkpoint_root(out: str | Path, cfg: PPOConfig) -> Path:
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    out = Path(out)
+    return out.parent / f"{out.name}.checkpoints"
+
+
+class RunCheckpoints:
+    """The checkpoints of one PPO run under ``root``; every rank calls every method (rank 0 writes)."""
+
+    def __init__(self, root: Path, fingerprint: str, cfg: PPOConfig, info: D.DistInfo):
+        self.root, self.fingerprint, self.cfg, self.info = root, fingerprint, cfg, info
+
+    def resume(self, policy, critic, opt, sched, kl_ctl) -> tuple[int, list[dict[str, float]]]:
+        """Load the newest checkpoint of this run into the given objects: ``(its step, its metric history)``.
+
+        Without ``cfg.resume`` the old checkpoints are removed; otherwise those of another run (other
+        config or inputs) are. ``(0, [])`` when there is nothing to resume.
+        """
+        if self.info.is_main:
+            if not self.cfg.resume and self.root.exists():
+                shutil.rmtree(self.root)
+            elif self.root.exists() and (n := clear_stale(self.root, self.fingerprint)):
+                log.warning("[ppo] removed %d checkpoint(s) of another run (other config or inputs) "
+                            "from %s", n, self.root)
+        D.barrier()
+        found = latest(self.root, self.fingerprint) if self.cfg.resume else None
+        if found is None:
+            return 0, []
+        load_trainable_state(policy, found.weights("policy"))
+        load_trainable_state(critic, found.weights("critic"))
+        trainer = found.trainer_state()
+        opt.load_state_dict(trainer["optimizer"])
+        sched.load_state_dict(trainer["scheduler"])
+        kl_ctl.load_state_dict(found.state["kl_controller"])
+        restore_rng(found.state["rng"][self.info.rank])
+        log.info("[ppo] resuming from %s (step %d/%d)", found.path, found.step, self.cfg.total_steps)
+        return found.step, found.state["history"]
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after ``step`` (never after the last one: the artifact follows)."""
+        every = self.cfg.checkpoint_every
+        return bool(every) and step % every == 0 and step < self.cfg.total_steps
+
+    def save(self, step: int, policy, critic, opt, sched, kl_ctl, history: list[dict[str, float]]) -> None:
+        """Checkpoint after ``step``: ``policy`` and ``critic`` unwrapped (no DDP prefix in the names)."""
+        rng = D.gather_objects(capture_rng())  # every rank's RNG, written by rank 0
+        if self.info.is_main:
+            t0 = time.perf_counter()
+            world = self.info.world_size
+            path = save(self.root, step,
+                        weights={"policy": trainable_state(policy), "critic": trainable_state(critic)},
+                        trainer={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                        state={"fingerprint": self.fingerprint,
+                               "data_position": step * self.cfg.rollout_batch_size * world,
+                               "kl_controller": kl_ctl.state_dict(), "rng": rng, "history": history,
+                               "world_size": world},
+                        keep=self.cfg.keep_checkpoints)
+            log.info("[ppo] checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        D.barrier()
+
+    def remove(self) -> None:
+        """After success (rank 0): remove the checkpoints unless ``keep_checkpoints_on_success``."""
+        if not self.cfg.keep_checkpoints_on_success:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 __all__ = ["Checkpoint", "save", "latest", "validate", "prune", "clear_stale", "capture_rng", "restore_rng",
-           "trainable_state", "load_trainable_state", "step_name"]
+           "trainable_state", "load_trainable_state", "step_name", "fingerprint", "artifact_id",
+           "checkpoint_root", "RunCheckpoints"]

@@ -2,7 +2,7 @@
 
 Launch with ``torchrun --nproc_per_node N -m rlhf.cli ppo ...`` (or a Kubeflow PyTorchJob, which
 sets the same environment). Each rank samples its own slice of the global prompt batch with its own
-seed (``seed + rank``: checklist 24); the policy and the critic are wrapped in
+seed (``seed + rank``: docs/ppo.md #24); the policy and the critic are wrapped in
 ``DistributedDataParallel`` so gradients are averaged and parameters stay identical; advantage
 whitening and the logged metrics use statistics reduced over all ranks. Only rank 0 writes:
 checkpoints, the final artifact, MLflow and the progress log (other ranks log warnings only).

@@ -2,28 +2,32 @@
 
 Shapes: ``B`` sequences in a batch, ``T`` response tokens per sequence (right-padded: a response
 is ``mask == 1`` up to and including its EOS, then padding). Everything that is averaged is a
-*masked* mean over valid response tokens (checklist 19): padding never dilutes a loss or a metric.
+*masked* mean over valid response tokens (docs/ppo.md #19): padding never dilutes a loss or a metric.
 
 The pieces, in the order a PPO step uses them:
 
 1. :func:`kl_per_token`: the per-token KL estimate between the policy and the frozen reference,
    named ``k1`` (``log p - log q``, unbiased, can be negative per token) or ``k3``
-   (``exp(log q - log p) - 1 - (log q - log p)``, unbiased and always >= 0) (checklist 14).
+   (``exp(log q - log p) - 1 - (log q - log p)``, unbiased and always >= 0) (docs/ppo.md #14).
 2. :func:`token_rewards`: reward per token ``-beta * kl_t``, plus the (normalised) reward-model
-   score added at the last valid token, i.e. the EOS index (checklist 8, 13).
+   score added at the last valid token, i.e. the EOS index (docs/ppo.md #8, #13).
 3. :func:`gae`: generalised advantage estimation with ``gamma`` (1) and ``lam`` (0.95);
-   ``returns = advantages + values`` (checklist 16).
+   ``returns = advantages + values`` (docs/ppo.md #16).
 4. :func:`masked_whiten`: advantages whitened over valid tokens only (17); across ranks when
    running distributed, so every rank uses the same statistics.
 5. :func:`policy_loss`: the clipped surrogate with ``eps = 0.2`` (20), with its diagnostics:
    clip fraction, approximate KL ``0.5 * E[(log r)^2]`` and ratio mean.
 6. :func:`value_loss`: the clipped value loss (eps 0.2), ``0.5 * max(unclipped, clipped)`` (18).
 7. :func:`entropy_from_logits`: logged, not used as a bonus by default (21).
+8. :func:`ppo_loss`: the loss the update minimises,
+   ``policy_loss + vf_coef * value_loss - entropy_coef * entropy``, and its two models' parts.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
@@ -99,7 +103,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     """Per-token rewards: ``-beta * kl`` on every valid token, plus the sequence score at its EOS index.
 
     Returns ``(rewards, non_score_rewards)``, both (B, T) and 0 on masked positions. The KL lives in
-    the reward only (not also as a loss term: checklist 13).
+    the reward only (not also as a loss term: docs/ppo.md #13).
     """
     non_score = masked(-beta * kl, mask)
     rewards = non_score.clone()
@@ -173,5 +177,70 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+# ----------------------------------------------------------------------------- the PPO loss
+
+
+class LossCoefs(Protocol):
+    """The coefficients :func:`ppo_loss` reads (a :class:`rlhf.config.PPOConfig` has them)."""
+
+    clip_eps: float
+    vf_clip_eps: float
+    vf_coef: float
+    entropy_coef: float
+
+
+@dataclass
+class PPOLoss:
+    """A micro-batch's PPO loss: ``total`` and each model's part of it, with the diagnostics.
+
+    ``policy`` (clipped surrogate - ``entropy_coef`` x entropy) is where the policy's gradient comes
+    from, ``value`` (``vf_coef`` x clipped value loss) the critic's; ``None`` when that model's
+    outputs were not given.
+    """
+
+    total: torch.Tensor
+    policy: torch.Tensor | None
+    value: torch.Tensor | None
+    stats: dict[str, torch.Tensor]
+
+
+def ppo_loss(rollout: Mapping[str, torch.Tensor], coefs: LossCoefs, *, logprobs: torch.Tensor | None = None,
+             entropy: torch.Tensor | None = None, values: torch.Tensor | None = None) -> PPOLoss:
+    """``policy_loss + vf_coef * value_loss - entropy_coef * entropy`` on rows of a rollout batch.
+
+    ``rollout``: the batch's tensors of these rows as collected (``logprobs``, ``values``,
+    ``advantages``, ``returns``, ``response_mask``; see ``Experience.select``); they are cut to the
+    width of the model outputs. The outputs: the policy's ``logprobs`` (and ``entropy`` when
+    ``entropy_coef`` > 0) and the critic's ``values``, (B, R) each.
+
+    The two models share no parameters, so the loss splits into one part per model: called with only
+    the policy's outputs it is the policy's part, with only ``values`` the critic's. The trainer
+    back-propagates the parts one after the other (one model's activations alive at a time); the
+    gradients are those of the total.
+    """
+    if logprobs is None and values is None:
+        raise ValueError("ppo_loss needs the policy's logprobs, the critic's values, or both")
+    policy = value = None
+    stats: dict[str, torch.Tensor] = {}
+    if logprobs is not None:
+        r_len = logprobs.shape[1]
+        mask = rollout["response_mask"][:, :r_len]
+        policy, pg_stats = policy_loss(logprobs, rollout["logprobs"][:, :r_len],
+                                       rollout["advantages"][:, :r_len], mask, coefs.clip_eps)
+        if coefs.entropy_coef:
+            if entropy is None:
+                raise ValueError("entropy_coef > 0: ppo_loss needs the policy's entropy")
+            policy = policy - coefs.entropy_coef * masked_mean(entropy, mask)
+        stats.update(pg_stats)
+    if values is not None:
+        r_len = values.shape[1]
+        vf_loss, vf_stats = value_loss(values, rollout["values"][:, :r_len], rollout["returns"][:, :r_len],
+                                       rollout["response_mask"][:, :r_len], coefs.vf_clip_eps)
+        value = coefs.vf_coef * vf_loss
+        stats.update(vf_stats)
+    total = value if policy is None else policy if value is None else policy + value
+    return PPOLoss(total, policy, value, stats)
+
+
 __all__ = ["masked", "masked_mean", "masked_sum", "masked_whiten", "kl_per_token", "last_token_index", "token_rewards",
-           "gae", "policy_loss", "value_loss", "entropy_from_logits"]
+           "gae", "policy_loss", "value_loss", "entropy_from_logits", "LossCoefs", "PPOLoss", "ppo_loss"]

@@ -1,21 +1,22 @@
 """Rollouts: sample responses, score them, and turn them into PPO experience.
 
-One call of :func:`make_experience` is the "collect" half of a PPO step:
+The "collect" half of a PPO step is three calls, which the trainer's loop makes in this order:
 
-1. sample one response per prompt from the policy (:func:`rlhf.train.generation.sample`: chat template,
-   prompts cut from the left and left-padded, KV cache, ``do_sample=True, top_k=0, top_p=1``,
-   temperature, fixed response budget, everything after the first EOS padded and masked;
-   checklist 2-6);
-2. one no-grad forward pass of the policy over ``prompt + response`` for the old log-probs and the
-   entropy, at the *same* temperature (5); the reference's log-probs at that temperature, from the
-   frozen SFT copy or, with LoRA, the same model with its adapter disabled (12);
-3. the critic's per-token values (a :class:`ValueModel`: the reward model's backbone and head read
-   at every position, or the SFT backbone with a zero-initialised head; 18);
-4. the reward model's score of ``prompt + response`` read at the last real token, which is the EOS
-   (8); normalised with the mean/std the reward stage measured on SFT demonstrations, optionally
-   clipped (10); a fixed penalty subtracted when a response has no EOS within the budget (11);
-5. per-token rewards ``-beta * KL_t`` with the score added at the EOS index (13, 14), GAE (16) and
-   advantages whitened over valid tokens of the global batch (17).
+1. :func:`sample_responses`: one response per prompt from the policy
+   (:func:`rlhf.train.generation.sample`: chat template, prompts cut from the left and left-padded, KV
+   cache, ``do_sample=True, top_k=0, top_p=1``, temperature, fixed response budget, everything
+   after the first EOS padded and masked; docs/ppo.md #2-#6), then the no-grad forward passes over
+   ``prompt + response``: the policy's old log-probs and entropy at the *same* temperature (#5),
+   the reference's log-probs at that temperature, from the frozen SFT copy or, with LoRA, the same
+   model with its adapter disabled (#12), and the critic's per-token values (a
+   :class:`ValueModel`: the reward model's backbone and head read at every position, or the SFT
+   backbone with a zero-initialised head; #18);
+2. :func:`score_responses`: the reward model's score of ``prompt + response`` read at the last
+   real token, which is the EOS (#8); normalised with the mean/std the reward stage measured on
+   SFT demonstrations, optionally clipped (#10); a fixed penalty subtracted when a response has
+   no EOS within the budget (#11);
+3. :func:`compute_advantages`: per-token rewards ``-beta * KL_t`` with the score added at the EOS
+   index (#13, #14), GAE (#16) and advantages whitened over valid tokens of the global batch (#17).
 
 The reward model reads the *token ids the policy produced* (no decode/re-encode round trip) when
 both share a tokenizer, which is the case for a reward model initialised from the SFT policy.
@@ -38,7 +39,7 @@ from rlhf.train import generation, models
 
 
 def check_special_tokens(tokenizer, where: str = "policy tokenizer") -> None:
-    """Checklist 1, enforced again at the PPO boundary: pad must exist and differ from EOS."""
+    """docs/ppo.md #1, enforced again at the PPO boundary: pad must exist and differ from EOS."""
     if tokenizer.eos_token_id is None:
         raise UserError(f"the {where} has no EOS token", hint="use a tokenizer with an end-of-turn token")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -166,7 +167,7 @@ def _concat_rollouts(parts: list[generation.Rollout], pad_id: int) -> generation
 
 @dataclass
 class RewardNorm:
-    """Checklist 10: ``(score - mean) / std``, then optionally clipped to ``+-clip``."""
+    """docs/ppo.md #10: ``(score - mean) / std``, then optionally clipped to ``+-clip``."""
 
     mean: float = 0.0
     std: float = 1.0
@@ -196,7 +197,7 @@ def reference_context(policy: nn.Module, ref: nn.Module | None):
 @torch.no_grad()
 def score_rollout(reward_model: nn.Module, rollout: generation.Rollout, forward_batch_size: int,
                   texts_scorer: Callable[[list[str]], torch.Tensor] | None = None) -> torch.Tensor:
-    """Raw reward-model scores, (B,), read at each row's last real token: the EOS (checklist 8).
+    """Raw reward-model scores, (B,), read at each row's last real token: the EOS (docs/ppo.md #8).
 
     The input is exactly ``prompt + response`` up to and including EOS; the padding after EOS has
     mask 0, so :func:`rlhf.train.models.reward_scores` reads the EOS position. ``texts_scorer`` is the
@@ -271,11 +272,23 @@ class RolloutSettings:
     whiten_rewards: bool
 
 
+@dataclass
+class Samples:
+    """Sampled responses and the no-grad forward passes over them (per-token: (B, R), 0 on padding)."""
+
+    rollout: generation.Rollout
+    prompts: list[str]
+    logprobs: torch.Tensor       # the policy's, at sampling time: the "old" log-probs of the update
+    entropy: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    gen_seconds: float           # time spent in generate
+
+
 @torch.no_grad()
-def make_experience(policy: nn.Module, ref: nn.Module | None, critic: nn.Module, reward_model: nn.Module,
-                    tokenizer, prompts: list[str], s: RolloutSettings, beta: float, norm: RewardNorm,
-                    all_reduce=None, texts_scorer=None) -> tuple[Experience, dict[str, float]]:
-    """Sample, score and evaluate one batch of prompts; returns the experience and timing info."""
+def sample_responses(policy: nn.Module, ref: nn.Module | None, critic: nn.Module, tokenizer,
+                     prompts: list[str], s: RolloutSettings) -> Samples:
+    """One response per prompt, with the policy's and the reference's log-probs and the critic's values."""
     import time
 
     gen_model = unwrap(policy)
@@ -294,21 +307,37 @@ def make_experience(policy: nn.Module, ref: nn.Module | None, critic: nn.Module,
         ref_logprobs, _ = forward_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, s.temperature,
                                            s.forward_batch_size)
     values = forward_values(unwrap(critic), q_ids, q_mask, r_ids, r_mask, s.forward_batch_size)
-    raw = score_rollout(reward_model, ro, s.forward_batch_size, texts_scorer).to(values.device)
+    return Samples(ro, list(prompts), logprobs, entropy, ref_logprobs, values, gen_seconds)
+
+
+@torch.no_grad()
+def score_responses(reward_model: nn.Module, samples: Samples, s: RolloutSettings, norm: RewardNorm,
+                    texts_scorer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, raw_scores)``, (B,) each: the normalised scores, missing-EOS penalty included, and the
+    scores as the reward model outputs them."""
+    ro = samples.rollout
+    raw = score_rollout(reward_model, ro, s.forward_batch_size, texts_scorer).to(samples.values.device)
     scores = norm(raw)
     if s.missing_eos_penalty is not None:
         scores = torch.where(ro.has_eos.to(scores.device), scores, scores - s.missing_eos_penalty)
+    return scores, raw
 
-    kl = L.masked(L.kl_per_token(logprobs, ref_logprobs, s.kl_estimator), r_mask)
+
+@torch.no_grad()
+def compute_advantages(samples: Samples, scores: torch.Tensor, raw_scores: torch.Tensor, s: RolloutSettings,
+                       beta: float, all_reduce=None) -> Experience:
+    """KL-penalised per-token rewards, GAE and whitened advantages: the batch the update trains on."""
+    ro, r_mask = samples.rollout, samples.rollout.response_mask
+    kl = L.masked(L.kl_per_token(samples.logprobs, samples.ref_logprobs, s.kl_estimator), r_mask)
     rewards, non_score = L.token_rewards(scores, kl, r_mask, beta)
     if s.whiten_rewards:
         rewards = L.masked_whiten(rewards, r_mask, shift_mean=False, all_reduce=all_reduce)
-    advantages, returns = L.gae(rewards, values, r_mask, s.gamma, s.lam)
+    advantages, returns = L.gae(rewards, samples.values, r_mask, s.gamma, s.lam)
     if s.whiten_advantages:
         advantages = L.masked_whiten(advantages, r_mask, all_reduce=all_reduce)
-    exp = Experience(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, kl, rewards, non_score,
-                     advantages, returns, entropy, scores, raw, ro.has_eos, ro.texts, list(prompts))
-    return exp, {"gen_seconds": gen_seconds}
+    return Experience(ro.query_ids, ro.query_mask, ro.response_ids, r_mask, samples.logprobs,
+                      samples.ref_logprobs, samples.values, kl, rewards, non_score, advantages, returns,
+                      samples.entropy, scores, raw_scores, ro.has_eos, ro.texts, samples.prompts)
 
 
 def experience_stats(exp: Experience) -> dict[str, Any]:
@@ -335,6 +364,7 @@ def experience_stats(exp: Experience) -> dict[str, Any]:
     }
 
 
-__all__ = ["ValueModel", "Experience", "RewardNorm", "RolloutSettings", "make_experience", "score_rollout",
+__all__ = ["ValueModel", "Experience", "RewardNorm", "RolloutSettings", "Samples", "sample_responses",
+           "score_responses", "compute_advantages", "score_rollout",
            "forward_logprobs", "forward_values", "trim", "check_special_tokens", "reference_context",
            "zero_value_head", "experience_stats", "gold_scores", "unwrap"]

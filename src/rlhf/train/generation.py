@@ -1,6 +1,6 @@
 """Sampling and log-probabilities, shared by PPO and evaluation.
 
-* Prompts are rendered with the chat template and left-padded (PPO checklist 2);
+* Prompts are rendered with the chat template and left-padded (docs/ppo.md #2);
   ``generate`` uses the KV cache and its own position handling (we pass no
   position ids to it).
 * Sampling is pure temperature sampling: ``do_sample=True, top_k=0, top_p=1``
@@ -87,7 +87,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     if was_training:
         model.train()
     resp = out[:, q_ids.shape[1]:]
-    if resp.shape[1] < max_new_tokens:  # keep a fixed response budget (checklist 3)
+    if resp.shape[1] < max_new_tokens:  # keep a fixed response budget (docs/ppo.md #3)
         pad = torch.full((resp.shape[0], max_new_tokens - resp.shape[1]), tokenizer.pad_token_id,
                          dtype=resp.dtype, device=resp.device)
         resp = torch.cat([resp, pad], 1)

@@ -10,7 +10,7 @@ Face directory (``config.json`` + ``model.safetensors`` + tokenizer files):
   float32 safetensors under ``<cache>/smollm2-135m-instruct``.
 * a local model directory, used as is, or a hub id (needs hub access).
 
-The loaders enforce the token rules of the PPO checklist: a pad token of its
+The loaders enforce the token rules of docs/ppo.md: a pad token of its
 own (never EOS, item 1), left padding for generation (item 2), dropout off
 (item 22), ``<|im_end|>``-style EOS for generation; the reward head is
 initialised with std ``1/sqrt(hidden+1)`` and bias 0 (item 9).
@@ -350,7 +350,7 @@ def _model_error(source: str | Path, err: Exception) -> UserError:
 
 def load_tokenizer(path: str | Path, *, padding_side: str = "left", trust_remote_code: bool = False,
                    add_pad: bool = False):
-    """The tokenizer at ``path`` with ``padding_side`` set and a pad token distinct from EOS (checklist 1).
+    """The tokenizer at ``path`` with ``padding_side`` set and a pad token distinct from EOS (docs/ppo.md #1).
 
     With ``add_pad`` a tokenizer whose pad is missing or equal to EOS gets a new ``<|pad|>`` token
     (the caller then resizes the model's embeddings); otherwise that is a :class:`UserError`.
@@ -409,7 +409,7 @@ def disable_dropout_config(config) -> None:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in every module (checklist 22): config values and the modules already built."""
+    """Dropout off in every module (docs/ppo.md #22): config values and the modules already built."""
     if getattr(model, "config", None) is not None:
         disable_dropout_config(model.config)
     for m in model.modules():
@@ -554,7 +554,7 @@ def score_head(model: nn.Module) -> nn.Module:
 
 
 def init_score_head(head: nn.Module, seed: int = 0) -> None:
-    """Checklist item 9: weights ~ N(0, std=1/sqrt(hidden+1)), bias 0 (seeded, so reproducible)."""
+    """docs/ppo.md #9: weights ~ N(0, std=1/sqrt(hidden+1)), bias 0 (seeded, so reproducible)."""
     weight = head.weight
     std = 1.0 / (weight.shape[-1] + 1) ** 0.5
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -595,7 +595,7 @@ def load_reward_model(path, cfg: ModelConfig, *, for_training: bool, init_from_c
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Checklist 2: ``cumsum(mask) - 1`` clipped at 0, so left-padded rows start at position 0."""
+    """docs/ppo.md #2: ``cumsum(mask) - 1`` clipped at 0, so left-padded rows start at position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

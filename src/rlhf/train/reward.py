@@ -2,7 +2,7 @@
 
 ``loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected))``; the score is
 read at the last real token (EOS) of ``chat_prompt(prompt) + reply + EOS``
-(PPO checklist 8). Over-long inputs are cut from the left so the replies,
+(docs/ppo.md #8). Over-long inputs are cut from the left so the replies,
 where a pair differs, survive (10b). The head starts at std 1/sqrt(hidden+1)
 (9). After training we record the mean/std of the scores of the SFT
 demonstrations, which PPO uses to normalise rewards (10).
