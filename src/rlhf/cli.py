@@ -19,6 +19,7 @@ import typer
 
 from rlhf.errors import UserError
 from rlhf.pipeline.stages import CHAMPION, STAGES, Stage
+from rlhf.process import Interrupted, raise_on_signals
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -386,8 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in TORCH_STAGES:
         _threads_for_this_machine()
+    raise_on_signals()
     try:
         app(args=args, standalone_mode=False)
+    except Interrupted as e:
+        typer.echo(f"interrupted ({e})", err=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         typer.secho(f"error: {e.one_line()}", err=True, fg=typer.colors.RED)
         sys.exit(e.exit_code)

@@ -66,6 +66,7 @@ class Console:
     _last_step: dict[str, int] = field(default_factory=dict)
     _log: Any = None
     _task_log: Any = None
+    stop_reason: str = ""  # set when rlhf run was asked to stop: the running step is being stopped
 
     def __post_init__(self):
         self.out = self.out or sys.stdout
@@ -172,7 +173,10 @@ class Console:
         state.ended = time.perf_counter()
         state.status = "succeeded" if ok else "failed"
         took = state.ended - (state.started or state.ended)
-        if ok:
+        if self.stop_reason:
+            state.status = "stopped"
+            self.echo(f"{self.stamp()} {stage_of(task):<9} stopped ({self.stop_reason}) after {took:.1f} s")
+        elif ok:
             self.echo(f"{self.stamp()} {stage_of(task):<9} finished in {took:.1f} s")
         else:
             self.echo(f"{self.stamp()} {stage_of(task):<9} FAILED after {took:.1f} s (log: {state.log})")

@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +37,7 @@ from rlhf.config.resolve import params_text, resolve_profile
 from rlhf.errors import ConfigError, UserError
 from rlhf.pipeline.console import EXIT_CODES, Console, captured, stage_of
 from rlhf.pipeline.threads import auto_threads
+from rlhf.process import Interrupted, stop_children
 
 
 class RunFailed(UserError):
@@ -83,6 +86,47 @@ def _patch_oneof() -> None:
 
 
 # ------------------------------------------------------------------------------------------ run
+
+
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM stop the running step (and any step started after) instead of us.
+
+    The KFP local runner waits for its worker threads, so an exception in the main thread would leave
+    the step training; this stops the children, lets the runner see the failure and skip what is left,
+    and records the signal for :func:`run_local` to report. A second signal kills at once.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.signum = 0
+        self.during: str | None = None  # the task that was running
+        self._saved: dict[int, Any] = {}
+        self._done = threading.Event()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum:  # second time: no more grace
+            stop_children(grace_s=0)
+            return
+        self.signum = signum
+        self.during = self.console.current
+        self.console.stop_reason = signal.Signals(signum).name
+        threading.Thread(target=self._stop_loop, daemon=True).start()
+
+    def _stop_loop(self) -> None:
+        while not self._done.is_set():
+            stop_children()
+            self._done.wait(0.5)
+
+    def __enter__(self) -> StopOnSignal:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for s, h in self._saved.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -185,7 +229,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     _patch_oneof()
     pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False)
     console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
-    env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "OMP_NUM_THREADS",
+    env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "RLHF_LOCAL_RUN", "OMP_NUM_THREADS",
                                                "MKL_NUM_THREADS")}
     if data_hash:
         os.environ["RLHF_DATA_HASH"] = data_hash
@@ -198,6 +242,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
         print(f"rlhf run: {note}", file=out, flush=True)
     t0 = time.perf_counter()
     result = RunResult(run_dir=run_dir, status="failed", seconds=0.0)
+    stopper = StopOnSignal(console)
+    os.environ["RLHF_LOCAL_RUN"] = str(os.getpid())  # steps stop when this process is gone (rlhf.process)
     try:
         with tracking.pipeline_run(f"local-{run_dir.name}", name=f"pipeline {run_dir.name}",
                                    tags={"run_dir": str(run_dir), "runner": "kfp-local"}) as prun:
@@ -205,8 +251,16 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                 result.mlflow_run_id, result.tracking_uri = prun.run_id, tracking.display_uri()
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                        raise_on_error=False)
-            with captured(console):
-                pipeline(**args)
+            try:
+                with captured(console), stopper:
+                    pipeline(**args)
+            except Exception:
+                # kfp 2.17's runner goes on to the next task of a sub-DAG after a failed one and then
+                # raises for the missing input: the failed step (or the signal) is what to report
+                if not (stopper.signum or console.failed):
+                    raise
+            if stopper.signum:
+                raise Interrupted(stopper.signum)  # ends the MLflow parent run KILLED
             failed = console.failed
             if failed is not None:
                 raise RunFailed(f"{stage_of(failed.name)} failed: {failed.error or 'see its log'}",
@@ -218,6 +272,13 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     except RunFailed as e:
         result.error = e.one_line()
         raise
+    except Interrupted as e:
+        where = stage_of(stopper.during) if stopper.during else None
+        result.status = "interrupted"
+        err = RunFailed(f"interrupted by {e} during {where or 'the run'}: the step was stopped, nothing registered",
+                        hint=f"summary: {run_dir / 'summary.json'}", exit_code=e.exit_code)
+        result.error = err.one_line()
+        raise err from None
     finally:
         for k, v in env_keep.items():
             if v is None:
@@ -229,7 +290,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                                 if s.ended and s.started}
         if pipeline_root.exists():
             result.artifacts = _link_outputs(run_dir, pipeline_root)
-        ev = result.artifacts.get("evaluate")
+        ev = result.artifacts.get("evaluate") if result.status != "interrupted" else None
         if ev is not None:
             result.gate = _read_json(ev / "gate.json")
             result.metrics = _read_json(ev / "metrics.json") or {}

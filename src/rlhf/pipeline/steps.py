@@ -204,8 +204,13 @@ def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
 
 def kfp_step(name: str, args: dict[str, Any]) -> str | None:
     """The body of the generated KFP component of stage ``name`` (``args``: the component's ``locals()``)."""
+    from rlhf.process import raise_on_signals, stop_with
+
     spec = stage(name)
     setup_logging()
+    raise_on_signals()  # SIGTERM unwinds: MLflow runs end KILLED, no half-written output
+    if os.environ.get("RLHF_LOCAL_RUN", "").isdigit():
+        stop_with(int(os.environ["RLHF_LOCAL_RUN"]))  # a step of `rlhf run` stops when `rlhf run` is gone
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as tmp:
         run_component(name, inputs=_step_inputs(name, args, tmp), out=args[spec.output.name],
                       metrics=args.get("metrics"), html=args.get("report"), params_yaml=args["params_yaml"],

@@ -1,0 +1,80 @@
+"""Honest process behaviour: signals become exceptions, children stop with their parent.
+
+* :class:`Interrupted` — SIGINT/SIGTERM as an exception (a ``KeyboardInterrupt``, so MLflow runs
+  that it unwinds through end ``KILLED``), with the shell's exit code (130 / 143);
+* :func:`raise_on_signals` — install that for SIGTERM (SIGINT already raises ``KeyboardInterrupt``);
+* :func:`stop_with` — a pipeline step of ``rlhf run`` gets SIGTERM when ``rlhf run`` is gone, even
+  after a SIGKILL, so nothing keeps training for nobody;
+* :func:`stop_children` — terminate this process's descendants, then kill what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (Ctrl-C or ``kill``)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(NAMES.get(signum, f"signal {signum}"))
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+
+def _raise(signum, _frame):
+    raise Interrupted(signum)
+
+
+def raise_on_signals() -> None:
+    """SIGTERM raises :class:`Interrupted` in the main thread (as Ctrl-C raises ``KeyboardInterrupt``)."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+        signal.signal(signal.SIGTERM, _raise)
+
+
+def stop_with(pid: int, poll_s: float = 1.0) -> None:
+    """SIGTERM this process once process ``pid`` is gone (checked every ``poll_s`` in a daemon thread).
+
+    For the steps of ``rlhf run``: the KFP local runner starts each step through ``sh``, so the
+    kernel's parent-death signal would follow the shell, not ``rlhf run``; ``rlhf run`` killed by
+    SIGKILL must still take its training step with it.
+    """
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:  # alive, someone else's: not ours to watch
+                return
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name=f"stop-with-{pid}", daemon=True).start()
+
+
+def stop_children(grace_s: float = 15.0) -> int:
+    """SIGTERM every descendant of this process, SIGKILL those still alive after ``grace_s``."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            c.terminate()
+    deadline = time.monotonic() + grace_s
+    _, alive = psutil.wait_procs(children, timeout=max(0.0, deadline - time.monotonic()))
+    for c in alive:
+        with contextlib.suppress(psutil.Error):
+            c.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(children)
