@@ -1,44 +1,54 @@
-"""Compile, submit and schedule the pipeline: a small client of the KFP v2beta1 REST API.
+"""Compile, submit and schedule the pipeline on Kubeflow Pipelines with the KFP SDK's ``kfp.Client``.
 
-Endpoints used (and implemented by the contract test's fake server):
+The requests ``kfp.Client`` makes here (KFP v2beta1 REST API, served by the contract test too):
 
-    GET  /apis/v2beta1/experiments?filter=...            find the experiment by name
-    POST /apis/v2beta1/experiments                       create it
-    POST /apis/v2beta1/runs                              submit a run (inline pipeline spec)
-    GET  /apis/v2beta1/runs/{run_id}                     follow it (--wait)
-    GET  /apis/v2beta1/recurringruns?experiment_id=...   find our schedule
-    POST /apis/v2beta1/recurringruns                     create it
-    DELETE /apis/v2beta1/recurringruns/{id}              replace a changed one
+    GET  /apis/v2beta1/healthz                     on connecting without a namespace (multi-user check)
+    GET  /apis/v2beta1/experiments?filter=...      create_experiment: find the experiment by name,
+    POST /apis/v2beta1/experiments                 or create it
+    POST /apis/v2beta1/runs                        run_pipeline: a run of the compiled package (inline spec)
+    GET  /apis/v2beta1/runs/{run_id}               get_run (``--wait`` polls it)
+    GET  /apis/v2beta1/recurringruns?experiment_id=...&filter=...   list_recurring_runs: find our schedule
+    POST /apis/v2beta1/recurringruns               create_recurring_run
+    DELETE /apis/v2beta1/recurringruns/{id}        delete_recurring_run: replace a changed one
 
-Authentication: ``Authorization: Bearer $KFP_TOKEN`` when the variable is set (multi-user
-Kubeflow behind its ingress); standalone KFP needs none.
+Authentication: ``$KFP_TOKEN`` as kfp.Client's ``existing_token`` (``Authorization: Bearer``, multi-user
+Kubeflow behind its ingress); standalone KFP needs none. Every failure (unreachable, HTTP 401/403/404, a
+package kfp cannot parse) is one :class:`KfpError` line.
 
 ``schedule`` is idempotent: the recurring run is found by name in the experiment; if its cron,
-parameters and pipeline (a hash in its description) are unchanged nothing happens, otherwise a new
-one is created and the old one(s) deleted, so exactly one remains. Max concurrency 1, no catch-up.
+parameters, pipeline (a hash in its description) and service account are unchanged nothing happens,
+otherwise a new one is created and the old one(s) deleted (the v2beta1 API has no update), so exactly
+one remains. Max concurrency 1, no catch-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
+import io
 import json
+import logging
 import os
+import re
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kfp
+import kfp_server_api
+import urllib3
 import yaml
+from google.protobuf import json_format
 
-API = "/apis/v2beta1"
 FINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "ERROR"}
 REGISTER_TASK = "register"
 EVALUATE_TASK = "evaluate"
+PAGE_SIZE = 100
 
 
 class KfpError(RuntimeError):
@@ -56,6 +66,20 @@ def load_pipeline_package(path: str | Path) -> dict[str, Any]:
     return {"pipeline_spec": docs[0], "platform_spec": platform} if platform else docs[0]
 
 
+@contextlib.contextmanager
+def package_file(pipeline_spec: dict[str, Any]) -> Iterator[Path]:
+    """``pipeline_spec`` (as :func:`load_pipeline_package` returns it) as a package file for kfp.Client."""
+    if "pipelineInfo" in pipeline_spec:
+        docs = [pipeline_spec]
+    else:
+        docs = [pipeline_spec["pipeline_spec"]] + ([pipeline_spec["platform_spec"]]
+                                                   if pipeline_spec.get("platform_spec") else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+        yield path
+
+
 def spec_hash(pipeline_spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(pipeline_spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -71,88 +95,193 @@ def kfp_cron(cron: str) -> str:
 
 
 def name_filter(name: str) -> str:
+    """The API's ``filter`` (a JSON ``Filter`` proto) matching one display name."""
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "string_value": name}]})
+
+
+def plain(value: Any) -> Any:
+    """A kfp_server_api model as a plain dict: the API's snake_case fields, unset ones left out."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return value
+
+
+class _TimedRest(kfp_server_api.rest.RESTClientObject):
+    """The generated REST client, with a timeout for requests that bring none (kfp.Client's all)."""
+
+    def __init__(self, configuration: kfp_server_api.Configuration, timeout: float):
+        super().__init__(configuration)
+        self.timeout = timeout
+
+    def request(self, method, url, *args, _request_timeout=None, **kwargs):
+        timeout = _request_timeout or (self.timeout, self.timeout)  # (connect, read)
+        return super().request(method, url, *args, _request_timeout=timeout, **kwargs)
+
+
+class _SdkClient(kfp.Client):
+    """``kfp.Client`` that checks the health endpoint once, gives every request a timeout and does not
+    retry a refused connection.
+
+    On construction without a namespace kfp.Client asks ``/healthz`` whether KFP is multi-user,
+    retrying an HTTP error 5 times 5 s apart and logging each traceback; here the first answer counts
+    (the caller turns an error into one line). Its requests have no timeout (a server that accepts the
+    connection and never answers hangs it); here each gets ``timeout`` s to connect and to read.
+    urllib3 retries a failed connection 3 times, logging a warning each time; here a connection that
+    cannot be made (wrong host or port) fails at once, while a broken read is still retried. A redirect
+    is not followed but reported: an API endpoint that redirects sends a request without a valid token
+    to a login page (Kubeflow's Dex), whose HTML kfp_server_api would read as an empty answer.
+    """
+
+    def __init__(self, *, timeout: float, **kwargs: Any):
+        self._timeout = timeout
+        with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 ..."
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(**kwargs)
+        api = self._run_api.api_client  # the one ApiClient behind all of kfp.Client's service APIs
+        api.rest_client = _TimedRest(api.configuration, timeout)
+
+    def _load_config(self, *args: Any, **kwargs: Any) -> kfp_server_api.Configuration:
+        config = super()._load_config(*args, **kwargs)
+        config.retries = urllib3.Retry(total=3, connect=0, redirect=0, raise_on_redirect=False,
+                                       backoff_factor=0.5)
+        return config
+
+    def get_kfp_healthz(self, sleep_duration: int = 5) -> kfp_server_api.V2beta1GetHealthzResponse:
+        return self._healthz_api.healthz_service_get_healthz(_request_timeout=(self._timeout, self._timeout))
+
+
+class _KfpClientProgress(logging.Filter):
+    """kfp.Client logs its progress on the root logger ("Creating experiment rlhf."): leave that out."""
+
+    source = str(Path(kfp.client.client.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.source)
+
+
+@contextlib.contextmanager
+def _quiet_sdk() -> Iterator[None]:
+    """No prints (kfp.Client prints the links; submit echoes its own) and no progress logs from kfp.Client."""
+    progress, root = _KfpClientProgress(), logging.getLogger()
+    root.addFilter(progress)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(progress)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _api_message(body: Any) -> str:
+    """The message of an error answer: google.rpc.Status JSON (``message``, older: ``error``) or text."""
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    body = (body or "").strip()
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return _short(body)
+    if isinstance(doc, dict):
+        return _short(str(doc.get("message") or doc.get("error") or ""))
+    return _short(body)
+
+
+def _unreachable_reason(e: Exception) -> str:
+    reason = str(getattr(e, "reason", None) or e)
+    # NewConnectionError("HTTPConnection(host=..., port=...): Failed to establish a new connection: ...")
+    return _short(re.sub(r"^\S*Connection(Pool)?\([^)]*\): ", "", reason))
+
+
+_STATUS_HINTS = {401: "set $KFP_TOKEN to a valid token for this endpoint",
+                 403: "the token's user needs access to the namespace (--namespace)",
+                 404: "check --host: the KFP API URL, e.g. https://<kubeflow host>/pipeline or "
+                      "http://localhost:8080 for a port-forward of ml-pipeline-ui"}
 
 
 @dataclass
 class KfpClient:
+    """The KFP endpoint ``host``: a :class:`kfp.Client` made on first use, its errors as :class:`KfpError`."""
+
     host: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     namespace: str | None = None
     timeout: float = 30.0
+    _sdk: kfp.Client | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.host = self.host.rstrip("/")
         if self.token is None:
             self.token = os.environ.get("KFP_TOKEN") or None
 
-    # -- transport
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> dict:
-        url = self.host + path
-        q = {k: v for k, v in (query or {}).items() if v not in (None, "")}
-        if q:
-            url += "?" + urllib.parse.urlencode(q)
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                text = resp.read().decode() or "{}"
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            with_msg = ""
-            try:
-                with_msg = json.loads(detail).get("message") or json.loads(detail).get("error") or ""
-            except ValueError:
-                with_msg = detail.strip()
-            raise KfpError(f"{method} {path}: HTTP {e.code} {with_msg}".rstrip()) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise KfpError(f"cannot reach the KFP API at {self.host} ({getattr(e, 'reason', e)})") from None
-        return json.loads(text)
+    @property
+    def sdk(self) -> kfp.Client:
+        if self._sdk is None:
+            self._sdk = self.call("connect (health check)", _SdkClient, host=self.host,
+                                  existing_token=self.token, namespace=self.namespace, timeout=self.timeout)
+        return self._sdk
 
-    def _paged(self, path: str, key: str, query: dict[str, Any]) -> list[dict]:
-        items, token = [], ""
-        camel = "".join(w.capitalize() if i else w for i, w in enumerate(key.split("_")))
-        while True:
-            page = self.request("GET", path, query={**query, "page_size": 100, "page_token": token})
-            items += page.get(key) or page.get(camel) or []
-            token = page.get("next_page_token") or page.get("nextPageToken") or ""
-            if not token:
-                return items
+    def call(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a kfp.Client call; its failures become one-line :class:`KfpError`."""
+        try:
+            with _quiet_sdk():
+                return fn(*args, **kwargs)
+        except kfp_server_api.ApiException as e:
+            if not e.status:  # no HTTP answer (TLS failure)
+                raise KfpError(f"cannot reach the KFP API at {self.host} ({_short(str(e.reason))})") from None
+            if 300 <= e.status < 400:
+                where = (e.headers or {}).get("Location") or "?"
+                raise KfpError(f"KFP API at {self.host}: {action}: HTTP {e.status}, redirected to "
+                               f"{_short(where, 120)} (a login page? set $KFP_TOKEN to a valid token; "
+                               f"else use that URL as --host)") from None
+            hint = _STATUS_HINTS.get(e.status)
+            message = _api_message(e.body) or e.reason
+            raise KfpError(f"KFP API at {self.host}: {action}: HTTP {e.status} {message}"
+                           + (f" ({hint})" if hint else "")) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise KfpError(f"cannot reach the KFP API at {self.host} ({_unreachable_reason(e)})") from None
+        except json_format.ParseError as e:
+            raise KfpError(f"{action}: the pipeline package is not a valid KFP pipeline spec "
+                           f"({_short(str(e))})") from None
+        except ValueError as e:  # kfp.Client's own checks, e.g. two experiments of one name
+            raise KfpError(f"KFP API at {self.host}: {action}: {_short(str(e))}") from None
 
     # -- experiments
     def ensure_experiment(self, name: str) -> str:
-        found = [e for e in self._paged(f"{API}/experiments", "experiments",
-                                        {"filter": name_filter(name), "namespace": self.namespace})
-                 if e.get("display_name") == name]
-        if found:
-            return found[0]["experiment_id"]
-        body = {"display_name": name, "description": "RLHF pipeline runs"}
-        if self.namespace:
-            body["namespace"] = self.namespace
-        return self.request("POST", f"{API}/experiments", body)["experiment_id"]
+        exp = self.call(f"find or create experiment {name!r}", self.sdk.create_experiment, name,
+                        description="RLHF pipeline runs", namespace=self.namespace)
+        if not getattr(exp, "experiment_id", None):
+            raise KfpError(f"{self.host} answered without an experiment id: is it the KFP API (not a login "
+                           f"page)?")
+        return exp.experiment_id
 
     # -- runs
     def create_run(self, *, display_name: str, pipeline_spec: dict, parameters: dict[str, Any],
-                   experiment_id: str, service_account: str | None = None, description: str = "") -> dict:
-        body: dict[str, Any] = {"display_name": display_name, "description": description,
-                                "experiment_id": experiment_id, "pipeline_spec": pipeline_spec,
-                                "runtime_config": {"parameters": parameters}}
-        if service_account:
-            body["service_account"] = service_account
-        return self.request("POST", f"{API}/runs", body)
+                   experiment_id: str, service_account: str | None = None) -> dict:
+        with package_file(pipeline_spec) as path:
+            return plain(self.call("create run", self.sdk.run_pipeline, experiment_id=experiment_id,
+                                   job_name=display_name, pipeline_package_path=str(path), params=parameters,
+                                   service_account=service_account))
 
     def get_run(self, run_id: str) -> dict:
-        return self.request("GET", f"{API}/runs/{run_id}")
+        return plain(self.call(f"get run {run_id}", self.sdk.get_run, run_id))
 
     def wait_run(self, run_id: str, *, poll_s: float = 30.0, timeout_s: float = 6 * 3600,
                  echo: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> dict:
-        """Poll the run, printing run and task state changes, until it ends (or ``timeout_s``)."""
+        """Poll the run, printing run and task state changes, until it ends (or ``timeout_s``).
+
+        (kfp.Client.wait_for_run_completion polls silently; this one streams the states.)
+        """
         deadline, last_state, tasks = clock() + timeout_s, None, {}
         while True:
             run = self.get_run(run_id)
@@ -173,16 +302,30 @@ class KfpClient:
 
     # -- recurring runs
     def recurring_runs(self, experiment_id: str, name: str) -> list[dict]:
-        return [r for r in self._paged(f"{API}/recurringruns", "recurring_runs",
-                                       {"experiment_id": experiment_id, "filter": name_filter(name),
-                                        "namespace": self.namespace})
-                if r.get("display_name") == name]
+        """The recurring runs called ``name`` in the experiment (every page of the answer)."""
+        found, token = [], ""
+        while True:
+            page = self.call("list recurring runs", self.sdk.list_recurring_runs, page_token=token,
+                             page_size=PAGE_SIZE, experiment_id=experiment_id, filter=name_filter(name))
+            found += [plain(r) for r in page.recurring_runs or [] if r.display_name == name]
+            token = page.next_page_token or ""
+            if not token:
+                return found
 
-    def create_recurring_run(self, body: dict[str, Any]) -> dict:
-        return self.request("POST", f"{API}/recurringruns", body)
+    def create_recurring_run(self, *, experiment_id: str, name: str, description: str, cron: str,
+                             pipeline_spec: dict, parameters: dict[str, Any],
+                             service_account: str | None = None) -> dict:
+        """An enabled cron recurring run, max concurrency 1, no catch-up."""
+        with package_file(pipeline_spec) as path:
+            return plain(self.call(
+                "create recurring run", self.sdk.create_recurring_run, experiment_id=experiment_id,
+                job_name=name, description=description, cron_expression=cron, max_concurrency=1,
+                no_catchup=True, params=parameters, pipeline_package_path=str(path), enabled=True,
+                service_account=service_account))
 
     def delete_recurring_run(self, recurring_run_id: str) -> None:
-        self.request("DELETE", f"{API}/recurringruns/{recurring_run_id}")
+        self.call(f"delete recurring run {recurring_run_id}", self.sdk.delete_recurring_run,
+                  recurring_run_id=recurring_run_id)
 
 
 def gate_from_run(run: dict) -> tuple[str, str]:
@@ -237,11 +380,10 @@ def compiled_spec(pipeline_file: str | Path | None, *, image: str | None = None,
 def submit(client: KfpClient, *, pipeline_spec: dict, parameters: dict[str, Any], experiment: str,
            run_name: str, service_account: str | None = None, wait: bool = False, poll_s: float = 30.0,
            timeout_s: float = 6 * 3600, echo: Callable[[str], None] = print) -> dict:
+    """Create a run in ``experiment`` (made if missing); with ``wait``, follow it to its end."""
     exp = client.ensure_experiment(experiment)
     run = client.create_run(display_name=run_name, pipeline_spec=pipeline_spec, parameters=parameters,
-                            experiment_id=exp, service_account=service_account,
-                            description=f"submitted by rlhf submit; data revision "
-                                        f"{parameters.get('data_revision', '')}")
+                            experiment_id=exp, service_account=service_account)
     echo(f"submitted run {run.get('run_id')} ({run_name}) in experiment {experiment}: "
          f"{client.host}/#/runs/details/{run.get('run_id')}")
     if wait:
@@ -253,18 +395,11 @@ def schedule(client: KfpClient, *, pipeline_spec: dict, parameters: dict[str, An
              name: str, cron: str, service_account: str | None = None,
              echo: Callable[[str], None] = print) -> tuple[str, dict]:
     """Create or update the recurring run ``name``; returns ("created" | "updated" | "unchanged", run)."""
-    exp = client.ensure_experiment(experiment)
     cron6 = kfp_cron(cron)
+    exp = client.ensure_experiment(experiment)
     description = f"rlhf schedule; pipeline {spec_hash(pipeline_spec)}"
-    body: dict[str, Any] = {
-        "display_name": name, "description": description, "experiment_id": exp,
-        "pipeline_spec": pipeline_spec, "runtime_config": {"parameters": parameters},
-        "trigger": {"cron_schedule": {"cron": cron6}}, "max_concurrency": "1", "no_catchup": True,
-        "mode": "ENABLE"}
-    if service_account:
-        body["service_account"] = service_account
-    if client.namespace:
-        body["namespace"] = client.namespace
+    if service_account:  # the server may fill in its default account, so the one asked for is kept here
+        description += f"; service account {service_account}"
     existing = client.recurring_runs(exp, name)
 
     def same(r: dict) -> bool:
@@ -277,7 +412,9 @@ def schedule(client: KfpClient, *, pipeline_spec: dict, parameters: dict[str, An
     if len(existing) == 1 and same(existing[0]):
         echo(f"recurring run {name} unchanged ({cron6}): {existing[0].get('recurring_run_id')}")
         return "unchanged", existing[0]
-    created = client.create_recurring_run(body)
+    created = client.create_recurring_run(experiment_id=exp, name=name, description=description, cron=cron6,
+                                          pipeline_spec=pipeline_spec, parameters=parameters,
+                                          service_account=service_account)
     for old in existing:
         client.delete_recurring_run(old["recurring_run_id"])
     action = "updated" if existing else "created"
