@@ -405,7 +405,7 @@ def test_schedule_reads_every_page_and_leaves_one(kfp_server, compiled):
 
 def test_a_silent_api_times_out_in_one_line():
     """A KFP endpoint that takes the connection and never answers: a KfpError after the timeout, no hang."""
-    from pipelines.client import KfpClient, KfpError
+    from rlhf.pipeline.kfp_client import KfpClient, KfpError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
