@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -101,6 +102,11 @@ class MlflowServer:
 
     def processes(self) -> list[tuple[int, str, str]]:
         return _processes(self.proc.pid, str(self.root)) if self.proc else []
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (a crash, not a shutdown); ``start()`` brings it back on the same port."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
 
     def stop(self, grace: float = 20) -> list[tuple[int, str, str]]:
         """SIGTERM the group, SIGKILL what is left after ``grace`` seconds; return survivors (should be [])."""
@@ -226,6 +232,68 @@ def test_tiny_pipeline_over_http_with_sqlite_backend(dataset, tmp_path, tracking
     assert server.proc.returncode is not None
 
 
+@pytest.mark.slow
+def test_server_killed_mid_run_training_goes_on_and_no_metric_is_lost(tmp_path, tracking_env, caplog, capfd):
+    """The server is killed twice while a stage logs: once it comes back (what was kept is resent), once for good
+    (the stage still ends within seconds; what the server does not have is in mlflow-unsent/, nothing else)."""
+    import mlflow
+
+    caplog.set_level(logging.INFO, logger="rlhf")
+    root = tmp_path / "server"
+    root.mkdir()
+    server = MlflowServer(f"sqlite:///{root / 'mlflow.db'}", root).start()
+    tracking_env.setenv("MLFLOW_TRACKING_URI", server.url)
+    tracking_env.setenv("MLFLOW_EXPERIMENT_NAME", "server-killed")
+    tracking_env.setattr(tracking, "RETRY_SECONDS", 1.0)  # resend kept metrics every second, not every 30
+    slowest, step = 0.0, 0
+
+    def train(n: int, until=None) -> None:  # n steps, or until ``until()`` holds
+        nonlocal slowest, step
+        deadline = time.monotonic() + 120
+        while (n > 0) if until is None else not until():
+            assert time.monotonic() < deadline
+            step, n = step + 1, n - 1
+            t0 = time.monotonic()
+            t.log_metrics({"loss": 1.0 / step, "reward": float(step)}, step=step)
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.1)
+
+    try:
+        with tracking.stage_run("ppo") as t:
+            run_id = t.run_id
+            train(10)
+            server.kill()  # outage 1: the server comes back
+            train(0, until=lambda: "training goes on" in caplog.text)
+            train(5)
+            server.start()
+            train(0, until=lambda: "stores metrics again" in caplog.text)
+            train(3)
+            assert t.flush() is None and t.pending == 0  # everything kept during outage 1 went out
+            stored_before = step
+            server.kill()  # outage 2: gone for good; the stage ends while it lasts
+            train(10)
+            killed_at = time.monotonic()
+        closed_in = time.monotonic() - killed_at
+        assert slowest < 1.0, slowest  # no log call waited for the network
+        assert closed_in < 60, closed_in  # about 15 s: one request's retries, then marking the run terminated
+        server.start()  # to read what it kept
+        client = mlflow.MlflowClient(server.url)
+        on_server = {m.step for m in client.get_metric_history(run_id, "loss")}
+        assert {m.step for m in client.get_metric_history(run_id, "reward")} == on_server
+        assert client.get_run(run_id).info.status == "RUNNING"  # it could not be marked FINISHED
+    finally:
+        leftovers = server.stop()
+    assert leftovers == [], f"server processes left running: {leftovers}"
+    saved = [json.loads(x) for x in (tmp_path / "mlflow-unsent" / f"{run_id}.jsonl").read_text().splitlines()]
+    unsent = {r["step"] for r in saved if r["key"] == "loss"}
+    assert set(range(1, stored_before + 1)) <= on_server  # outage 1 cost nothing
+    assert unsent and unsent.isdisjoint(on_server) and unsent | on_server == set(range(1, step + 1))
+    assert len(saved) == 2 * len(unsent)  # loss and reward of each step, each once
+    assert f"could not mark run {run_id} as FINISHED" in caplog.text
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err + caplog.text
+
+
 # ----------------------------------------------------------------------------- PostgreSQL backend
 
 
@@ -284,8 +352,7 @@ def postgres():
 def test_registry_over_http_with_postgres_backend(postgres, dataset, tmp_path, tracking_env):
     import mlflow
     import mlflow.transformers
-
-    from rlhf.data.prepare import dataset_texts
+    from rlhf.data.prepare.prepare import dataset_texts
 
     root = tmp_path / "server"
     root.mkdir()

@@ -1,4 +1,4 @@
-"""rlhf.mlops.tracking: parent/nested runs, lineage tags, redaction, fail-fast, buffering during an outage.
+"""rlhf.mlops.tracking: parent/nested runs, lineage tags, redaction, fail-fast, metrics kept during an outage.
 
 Real MLflow on a SQLite file in a temporary directory (no server; the HTTP server is exercised in
 test_mlflow_server.py). No models are trained here.
@@ -6,8 +6,11 @@ test_mlflow_server.py). No models are trained here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -200,45 +203,77 @@ def test_cli_reports_unreachable_server_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_metrics_are_buffered_during_an_outage_and_resent(mlflow_sqlite, monkeypatch, caplog):
+@contextlib.contextmanager
+def store_outage(db: Path):
+    """A real outage of the SQLite store: another connection holds its exclusive lock, so MLflow's writes fail
+    (after MLflow's 20 s busy timeout) until the block ends."""
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+def wait_for_outage(t: tracking.Tracker, caplog, timeout: float = 120) -> None:
+    """Until the tracker has seen a request fail (reading ``pending`` collects finished requests)."""
+    deadline = time.monotonic() + timeout
+    while "training goes on" not in caplog.text:
+        assert time.monotonic() < deadline, "MLflow's request did not fail"
+        time.sleep(0.5)
+        t.pending  # noqa: B018
+
+
+def test_metrics_are_buffered_during_an_outage_and_resent(mlflow_sqlite, tracking_db, monkeypatch, caplog):
     client = mlflow_sqlite
     monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="rlhf")
     with tracking.stage_run("ppo") as t:
-        real = t.client.log_batch
-        down = {"on": True}
-
-        def flaky(*a, **kw):
-            if down["on"]:
-                raise ConnectionError("server went away")
-            return real(*a, **kw)
-
-        monkeypatch.setattr(t.client, "log_batch", flaky)
-        t.log_metrics({"reward": 1.0}, step=1)  # must not raise: training goes on
-        t.log_metrics({"reward": 2.0}, step=2)
-        t.set_tags({"resumed_from_step": 0})
-        assert t.pending == 3
-        assert "training goes on" in caplog.text
-        down["on"] = False
+        with store_outage(tracking_db):
+            t0 = time.monotonic()
+            t.log_metrics({"reward": 1.0}, step=1)  # must not raise: training goes on
+            t.log_metrics({"reward": 2.0}, step=2)
+            t.set_tags({"resumed_from_step": 0})
+            assert time.monotonic() - t0 < 5  # nor wait for the store
+            wait_for_outage(t, caplog)
+            assert t.pending == 3
+            assert "training goes on" in caplog.text
         t.log_metrics({"reward": 3.0}, step=3)  # the server is back: everything goes out
+        assert t.flush() is None
         assert t.pending == 0
         run_id = t.run_id
     assert [m.value for m in client.get_metric_history(run_id, "reward")] == [1.0, 2.0, 3.0]
     assert client.get_run(run_id).data.tags["resumed_from_step"] == "0"
+    assert "stores metrics again" in caplog.text
 
 
-def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, monkeypatch, tmp_path):
+def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, tracking_db, tmp_path, caplog):
     client = mlflow_sqlite
     with tracking.stage_run("sft") as t:
-        def broken(*a, **kw):
-            raise ConnectionError("down for good")
-
-        monkeypatch.setattr(t.client, "log_batch", broken)
-        t.log_metrics({"loss": 0.25}, step=7)
+        with store_outage(tracking_db):
+            t.log_metrics({"loss": 0.25}, step=7)
+            wait_for_outage(t, caplog)
         run_id = t.run_id
+    # the store answers again when the stage ends, but the next retry is RETRY_SECONDS away: saved, not sent
     saved = tmp_path / "mlflow-unsent" / f"{run_id}.jsonl"
     rows = [json.loads(x) for x in saved.read_text().splitlines()]
     assert rows == [{"run_id": run_id, "key": "loss", "value": 0.25, "timestamp": rows[0]["timestamp"], "step": 7}]
     assert client.get_run(run_id).info.status == "FINISHED"  # closing the run is separate from the metrics
+    assert "loss" not in client.get_run(run_id).data.metrics  # saved only because it was not stored
+
+
+def test_values_the_store_refuses_are_saved_at_once_and_the_rest_goes_on(mlflow_sqlite, tmp_path, caplog):
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        t.log_metrics({"bad name?": 1.0}, step=1)  # MLflow refuses the name: resending cannot help
+        t.flush()
+        t.log_metrics({"loss": 0.5}, step=2)
+        run_id = t.run_id
+    rows = [json.loads(x) for x in (tmp_path / "mlflow-unsent" / f"{run_id}.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["step"]) for r in rows] == [("bad name?", 1)]
+    assert "MLflow refused them" in caplog.text and "training goes on" not in caplog.text
+    assert client.get_run(run_id).data.metrics == {"loss": 0.5}
 
 
 def test_default_uri_is_a_sqlite_file_in_the_current_directory(tmp_path, monkeypatch):
