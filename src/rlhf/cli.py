@@ -20,6 +20,7 @@ import typer
 from rlhf.errors import UserError
 from rlhf.pipeline.stages import CHAMPION, STAGES, Stage
 from rlhf.process import Interrupted, raise_on_signals
+from rlhf.redact import install_log_redaction
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    install_log_redaction()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in TORCH_STAGES:
         _threads_for_this_machine()

@@ -44,6 +44,7 @@ from rlhf.config.schema import (
     ValidateConfig,
 )
 from rlhf.errors import ConfigError
+from rlhf.redact import config_params
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -302,8 +303,6 @@ class RunConfig:
     # -- the whole run
     def resolved(self) -> dict[str, dict[str, Any]]:
         """Every fingerprinted section, validated, as flat redacted params (what MLflow records)."""
-        from rlhf.mlops.tracking import config_params
-
         return {s: config_params(self.section(s)) for s in FINGERPRINT_SECTIONS}
 
     def fingerprint(self) -> dict[str, Any]:

@@ -89,6 +89,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.redact import (
+    REDACTED,
+    config_params,
+    flatten,
+    install_log_redaction,
+    is_secret_key,
+    redact,
+    redact_value,
+)
 
 log = logging.getLogger("rlhf")
 
@@ -96,7 +105,6 @@ ENV_PARENT = "RLHF_PARENT_RUN_ID"
 ENV_PIPELINE = "RLHF_PIPELINE_RUN_ID"
 ENV_DATA_HASH = "RLHF_DATA_HASH"
 ROLE_TAG = "rlhf.role"
-REDACTED = "***"
 RETRY_SECONDS = 30.0  # while MLflow is down: how often kept metrics are tried again
 UNSENT_DIR = "mlflow-unsent"
 # A refused connection gives up after about 7 s (MLflow's defaults, 7 retries x factor 2: about 4 minutes).
@@ -120,82 +128,6 @@ def experiment_name() -> str:
 def display_uri(uri: str | None = None) -> str:
     """The tracking URI with any credentials masked (safe for logs and errors)."""
     return redact_value(uri or tracking_uri())
-
-
-# ----------------------------------------------------------------------------- params and redaction
-
-# Words (of a key split on ``_ - .`` and camelCase) that make its value a secret ...
-_SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "credential", "credentials",
-                 "token", "apikey", "auth", "authorization", "bearer", "cookie", "privatekey", "sessionkey",
-                 "dsn"}
-# ... or pairs of consecutive words.
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("session", "key"),
-                 ("client", "secret"), ("account", "key"), ("ssh", "key"), ("signing", "key"), ("encryption", "key"),
-                 ("sas", "url"), ("connection", "string")}
-# "<x>_token" is a tokenizer setting, not a secret, for these <x>.
-_TOKENIZER_WORDS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "im", "start", "end", "stop",
-                    "chat", "max", "new", "num", "min"}
-_URI_CREDENTIALS = re.compile(r"(://)([^/\s:@]+):([^/\s@]+)@")
-_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|sig|"
-                           r"signature|x-amz-signature|x-amz-credential)=)[^&;\s]+", re.I)
-_SECRET_VALUE = re.compile(
-    r"\b(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|"
-    r"sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,})\b"
-    r"|((?i:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}")
-
-
-def _key_words(key: str) -> list[str]:
-    last = key.rsplit(".", 1)[-1]
-    last = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", last)
-    return [w for w in re.split(r"[^A-Za-z0-9]+", last.lower()) if w]
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (flattened) param/tag key names a secret: ``hf_token``, ``db.password``, ``awsSecretAccessKey``."""
-    words = _key_words(key)
-    for i, w in enumerate(words):
-        if w in _SECRET_WORDS:
-            if w == "token" and i > 0 and words[i - 1] in _TOKENIZER_WORDS:
-                continue
-            return True
-        if i and (words[i - 1], w) in _SECRET_PAIRS:
-            return True
-    return "".join(words) in {"apikey", "accesskey", "secretkey", "privatekey", "accesskeyid"} or \
-        any(w.endswith(("password", "passwd", "secret", "apikey")) for w in words)
-
-
-def redact_value(value: Any) -> Any:
-    """Mask credentials inside a value: ``user:pw@`` in URIs, secret query parameters, known token shapes."""
-    if not isinstance(value, str):
-        if isinstance(value, (list, tuple)):
-            return type(value)(redact_value(v) for v in value)
-        return value
-    value = _URI_CREDENTIALS.sub(rf"\1{REDACTED}@", value)
-    value = _QUERY_SECRET.sub(rf"\1{REDACTED}", value)
-    return _SECRET_VALUE.sub(lambda m: (m.group(2) or "") + REDACTED, value)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Flat params with secrets replaced by ``***`` (by key name, and credentials inside values)."""
-    return {k: REDACTED if is_secret_key(k) and v not in (None, "") else redact_value(v) for k, v in params.items()}
-
-
-def config_params(config: Any) -> dict[str, Any]:
-    """A stage config (pydantic model or dict) as flat, redacted params."""
-    if hasattr(config, "model_dump"):
-        config = config.model_dump(mode="json")
-    return redact(flatten(dict(config)))
 
 
 # ----------------------------------------------------------------------------- lineage tags
@@ -346,6 +278,10 @@ def connect():
     uri = tracking_uri()
     check_reachable(uri)
     _bounded_http_retries()
+    if redact_value(uri) != uri:
+        # MLflow prints "View run ... at: <URI with the password>" straight to stdout: not with a secret in it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    install_log_redaction("mlflow")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     name = experiment_name()

@@ -28,6 +28,7 @@ from rlhf.config.resolve import KNOB_NAMES, RunConfig
 from rlhf.errors import ConfigError
 from rlhf.io import check_output
 from rlhf.pipeline.stages import CHAMPION, STAGE_NAMES, STAGES, TRAINING_STAGES, stage
+from rlhf.redact import install_log_redaction
 
 __all__ = ["run_stage", "run_component", "kfp_step", "kfp_job", "register", "fetch_champion", "gate_decision",
            "parent_run", "numeric_metrics", "setup_logging", "STAGES", "STAGE_NAMES", "TRAINING_STAGES",
@@ -42,6 +43,7 @@ def setup_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    install_log_redaction()
 
 
 def _function(spec: str):
