@@ -129,7 +129,7 @@ def test_bad_input_gets_one_line_error_and_no_output(case, tmp_path):
     f = tmp_path / name
     f.write_bytes(content)
     out = tmp_path / "dataset"
-    proc = run_cli("prepare", "--raw", str(f), "--out", str(out), "--params", str(tmp_path / "none.yaml"))
+    proc = run_cli("prepare", "--raw", str(f), "--out", str(out), cwd=tmp_path)  # no params.yaml: the defaults
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -151,7 +151,7 @@ def test_bad_paths(kind, tmp_path):
     if kind == "empty directory":
         target.mkdir()
         (target / "README.md").write_text("no data here")
-    proc = run_cli("prepare", "--raw", str(target), "--out", str(tmp_path / "o"), "--params", "none.yaml")
+    proc = run_cli("prepare", "--raw", str(target), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert ("does not exist" if kind == "missing path" else "no .jsonl or .json files") in proc.stderr
 
@@ -170,3 +170,8 @@ def test_bad_params_one_line(tmp_path, demo_raw):
     p.write_text("prepare:\n  eval_fractoin: 0.1\n")
     proc = run_cli("prepare", "--raw", str(demo_raw), "--out", str(tmp_path / "o"), "--params", str(p))
     assert proc.returncode == 2 and "unknown key 'prepare.eval_fractoin'" in proc.stderr
+    # a params file that does not exist is an error, not a silent run on the built-in defaults
+    proc = run_cli("prepare", "--raw", str(demo_raw), "--out", str(tmp_path / "o"), "--params",
+                   str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "params file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

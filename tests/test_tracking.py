@@ -195,7 +195,7 @@ def test_unreachable_server_fails_fast_with_one_line(monkeypatch, tmp_path):
 
 def test_cli_reports_unreachable_server_in_one_line(tmp_path):
     port = _free_port()
-    proc = run_cli("models", "list", "--params", str(tmp_path / "none.yaml"), cwd=tmp_path,
+    proc = run_cli("models", "list", cwd=tmp_path,
                    env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "RLHF_TRACKING": "on"}, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]

@@ -58,8 +58,7 @@ def test_min_rows(dataset, tmp_path):
 
 
 def test_cli_failure_is_one_line_and_nonzero(broken, tmp_path):
-    proc = run_cli("validate", "--dataset", str(broken), "--out", str(tmp_path / "r"),
-                   "--params", str(tmp_path / "none.yaml"))
+    proc = run_cli("validate", "--dataset", str(broken), "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert proc.returncode == 3
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data validation failed") and "report.md" in err[0]

@@ -30,6 +30,23 @@ app = typer.Typer(
 )
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file with one section per stage")
+#: stage and registry commands: ./params.yaml when there is one, else the built-in defaults; a file given
+#: with --params must exist
+STAGE_PARAMS = typer.Option(None, "--params", help="params file with one section per stage (default: "
+                            "./params.yaml if present, else the built-in defaults)")
+
+
+def _params_file(params: Path | None) -> Path | None:
+    """The params file a stage or registry command reads: --params (must exist), ./params.yaml, or None."""
+    if params is None:
+        default = Path("params.yaml")
+        return default if default.is_file() else None
+    if not params.is_file():
+        from rlhf.errors import ConfigError
+
+        raise ConfigError(f"params file not found: {params}", where="--params",
+                          hint="give an existing file, or leave --params out for ./params.yaml / the defaults")
+    return params
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
@@ -68,8 +85,8 @@ def _stage_command(s: Stage):
         from rlhf.config.resolve import RunConfig
         from rlhf.pipeline.steps import run_stage
 
-        params, out = kw.pop("params"), kw.pop("out")
-        run = RunConfig.from_file(params, missing_ok=True)
+        params, out = _params_file(kw.pop("params")), kw.pop("out")
+        run = RunConfig.from_file(params)
         inputs = {i.name: kw.pop(i.name) for i in s.inputs}
         if kw.pop("champion_from_registry", False):
             if inputs.get("champion") is not None:
@@ -93,7 +110,8 @@ def _stage_command(s: Stage):
     params += [option(o.name, o.type | None if o.default is None else o.type, o.default, o.flags, o.help,
                       o.envvar) for o in s.options]
     params += [option("out", Path, Path(s.output.default), ("--out",), s.output.help),
-               inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=PARAMS)]
+               inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                                 default=STAGE_PARAMS)]
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = s.help
     command.__name__ = f"{s.name}_cmd"
@@ -108,17 +126,17 @@ models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, p
 app.add_typer(models_app, name="models")
 
 
-def _register_cfg(params: Path, name: str | None):
+def _register_cfg(params: Path | None, name: str | None):
     from rlhf.config import RegisterConfig, load_stage
 
-    return load_stage(RegisterConfig, "register", params, overrides={"model_name": name})
+    return load_stage(RegisterConfig, "register", _params_file(params), overrides={"model_name": name})
 
 
 MODEL_NAME = typer.Option(None, "--name", help="registered model name (default: register.model_name)")
 
 
 @models_app.command("list")
-def models_list_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME,
+def models_list_cmd(params: Path | None = STAGE_PARAMS, name: str | None = MODEL_NAME,
                     as_json: bool = typer.Option(False, "--json", help="print JSON rows")):
     """Versions with aliases, gate, key metrics, data hash and pipeline run (newest first)."""
     from rlhf.mlops import registry
@@ -131,7 +149,7 @@ def models_list_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME,
 @models_app.command("promote")
 def models_promote_cmd(version: int = typer.Argument(..., help="version to make champion"),
                        reason: str = typer.Option(..., "--reason", help="why (recorded as a tag)"),
-                       params: Path = PARAMS, name: str | None = MODEL_NAME):
+                       params: Path | None = STAGE_PARAMS, name: str | None = MODEL_NAME):
     """Make a version the champion by hand (the reason is recorded)."""
     from rlhf.mlops import registry
 
@@ -140,7 +158,7 @@ def models_promote_cmd(version: int = typer.Argument(..., help="version to make 
 
 @models_app.command("rollback")
 def models_rollback_cmd(reason: str | None = typer.Option(None, "--reason", help="why (recorded as a tag)"),
-                        params: Path = PARAMS, name: str | None = MODEL_NAME):
+                        params: Path | None = STAGE_PARAMS, name: str | None = MODEL_NAME):
     """Move champion back to the previous champion."""
     from rlhf.mlops import registry
 
@@ -153,7 +171,7 @@ def models_generate_cmd(prompt: str = typer.Argument(..., help="the user's messa
                         max_new_tokens: int | None = typer.Option(None, help="default: register.max_new_tokens"),
                         temperature: float | None = typer.Option(None, help="default: register.temperature"),
                         seed: int | None = typer.Option(None, help="sampling seed (default: register.seed)"),
-                        params: Path = PARAMS, name: str | None = MODEL_NAME):
+                        params: Path | None = STAGE_PARAMS, name: str | None = MODEL_NAME):
     """Load models:/<name>@champion from MLflow and print a completion of the prompt."""
     from rlhf.mlops import registry
 
@@ -162,7 +180,7 @@ def models_generate_cmd(prompt: str = typer.Argument(..., help="the user's messa
 
 
 @models_app.command("champion-path")
-def models_champion_path_cmd(params: Path = PARAMS, name: str | None = MODEL_NAME):
+def models_champion_path_cmd(params: Path | None = STAGE_PARAMS, name: str | None = MODEL_NAME):
     """Download the champion policy (cached) and print its directory, for evaluate --champion; empty if none."""
     from rlhf.mlops import registry
 

@@ -337,9 +337,9 @@ def load_stage(cls: type[C], section: str, params: str | Path | None = "params.y
                overrides: dict[str, Any] | None = None) -> C:
     """Config for one section from a params file: defaults < section < active profile < ``overrides``.
 
-    ``params`` None or a file that does not exist: the class defaults. ``overrides``: this section's fields.
+    ``params`` None: the class defaults. ``overrides``: this section's fields.
     """
-    run = RunConfig.from_file(params, missing_ok=True)
+    run = RunConfig.from_file(params)
     if overrides:
         run = RunConfig(run.data, run.source, run.profile, {section: dict(overrides)})
     return run.section(section, cls)
