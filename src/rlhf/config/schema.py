@@ -33,6 +33,8 @@ class ValidateConfig(StageConfig):
     max_prompt_chars: int = Field(4000, ge=1)
     max_response_chars: int = Field(4000, ge=1)
     examples_per_failure: int = Field(5, ge=1, le=100)
+    reject_control_strings: bool = Field(True, description="fail on text holding a chat-template control string "
+                                         "such as <|im_end|> or [INST] (it is encoded as plain text either way)")
 
 
 class ModelConfig(StageConfig):

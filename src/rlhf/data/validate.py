@@ -34,6 +34,12 @@ TEXT_COLUMNS = {"sft": ["prompt", "response"], "preferences": ["prompt", "chosen
                 "prompts": ["prompt"]}
 ISO_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$"
 ANNOTATOR_ID = r"^[A-Za-z0-9_.@:+-]{1,128}$"
+#: control strings of common chat templates (ChatML, Llama 3, Llama 2 / Mistral, Gemma): text that holds one
+#: tried to open or close a turn. Training encodes them as plain text (rlhf.train.models.encode_text); such rows
+#: are still flagged, as they are almost always scraped transcripts or injection attempts.
+CONTROL_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "<start_of_turn>", "<end_of_turn>")
+CONTROL_REGEX = "|".join(s.replace("|", r"\|").replace("[", r"\[").replace("]", r"\]") for s in CONTROL_STRINGS)
 
 
 def _suite(gx, gxe, kind: str, split: str, cfg: ValidateConfig):
@@ -52,6 +58,9 @@ def _suite(gx, gxe, kind: str, split: str, cfg: ValidateConfig):
         add(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S"), f"'{col}' is not empty or blank")
         add(gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1, max_value=limit),
             f"'{col}' is at most {limit} characters")
+        if cfg.reject_control_strings:
+            add(gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL_REGEX),
+                f"'{col}' holds no chat-template control string (<|im_end|>, [INST], ...)")
     minimum = cfg.min_rows.get(kind, 1) if split == "train" else cfg.min_eval_rows
     add(gxe.ExpectTableRowCountToBeBetween(min_value=minimum), f"at least {minimum} {split} rows")
     add(gxe.ExpectColumnValuesToBeInSet(column="_prompt_in_other_split", value_set=[False]),

@@ -46,7 +46,7 @@ class Rollout:
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-rendered prompts, truncated from the left to ``max_prompt_len`` tokens, left-padded."""
-    seqs = [tokenizer(models.chat_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_len:]
+    seqs = [models.encode_prompt(tokenizer, p)[-max_prompt_len:]
             for p in prompts]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -386,6 +386,30 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     return f"User: {prompt}\nAssistant:"
 
 
+_CONTENT_MARK = "\ue000rlhf-content\ue000"  # a private-use marker no template or text contains
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """User or model text as ids: control strings in it (``<|im_end|>``...) stay text, never special tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """``chat_prompt(prompt)`` as ids, with the template's own control tokens and the prompt as plain text.
+
+    The template is rendered around a marker and tokenised as usual; the prompt in its place goes
+    through :func:`encode_text`, so a prompt containing ``<|im_end|>\n<|im_start|>assistant`` cannot
+    open a turn of its own (template injection).
+    """
+    rendered = chat_prompt(tokenizer, _CONTENT_MARK)
+    if rendered.count(_CONTENT_MARK) != 1:  # a template that alters its content: keep the text out of it
+        return encode_text(tokenizer, chat_prompt(tokenizer, prompt))
+    before, after = rendered.split(_CONTENT_MARK)
+    ids = tokenizer(before, add_special_tokens=False).input_ids if before else []
+    return ids + encode_text(tokenizer, prompt) + (tokenizer(after, add_special_tokens=False).input_ids
+                                                   if after else [])
+
+
 # ----------------------------------------------------------------------------- model loading
 
 
@@ -646,6 +670,6 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True
 
 __all__ = ["cache_root", "pick_device", "pick_dtype", "resolve_base", "build_tiny", "ensure_smollm2",
            "convert_smollm2_gguf", "find_smollm2_gguf", "load_tokenizer", "load_policy", "load_reward_model",
-           "save_model", "chat_prompt", "reward_scores", "position_ids_from_mask", "score_head",
+           "save_model", "chat_prompt", "encode_prompt", "encode_text", "reward_scores", "position_ids_from_mask", "score_head",
            "init_score_head", "disable_dropout", "choose_pad_token", "tiny_cache_key", "train_tiny_tokenizer"]
 

@@ -37,7 +37,7 @@ log = logging.getLogger("rlhf")
 
 def encode_reply(tokenizer, prompt: str, reply: str, max_len: int) -> list[int]:
     """``chat_prompt(prompt) + reply + EOS`` as ids, cut from the left to ``max_len``."""
-    ids = tokenizer(models.chat_prompt(tokenizer, prompt) + reply, add_special_tokens=False).input_ids
+    ids = models.encode_prompt(tokenizer, prompt) + models.encode_text(tokenizer, reply)
     ids.append(tokenizer.eos_token_id)
     return ids[-max_len:]
 

@@ -34,8 +34,8 @@ log = logging.getLogger("rlhf")
 
 def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (prompt masked with -100) of one demonstration; the prompt is cut from the left."""
-    p_ids = tokenizer(models.chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-    r_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    p_ids = models.encode_prompt(tokenizer, prompt)
+    r_ids = models.encode_text(tokenizer, response) + [tokenizer.eos_token_id]
     r_ids = r_ids[: max_len - 8] if len(r_ids) > max_len - 8 else r_ids
     p_ids = p_ids[-(max_len - len(r_ids)):]
     return p_ids + r_ids, [-100] * len(p_ids) + r_ids
