@@ -62,3 +62,45 @@ def test_repro_runs_then_skips(tmp_path):
     params.write_text(params.read_text().replace("eval_fraction: 0.12", "eval_fraction: 0.2"))
     out = _sh(*dvc, "repro", "validate", cwd=repo)
     assert "Running stage 'prepare'" in out
+
+
+def test_a_corrupted_remote_object_is_refused_not_served(tmp_path):
+    """A same-length corruption in the DVC remote passes `dvc pull` and `dvc status`; fetch-data refuses it."""
+    repo = _checkout(tmp_path)
+    assert run_cli("fetch-data", cwd=repo).returncode == 0  # regenerates the demo data and pushes it
+    victim = max((p for p in (repo / ".dvcstore" / "files" / "md5").rglob("*") if p.is_file()
+                  and not p.name.endswith(".dir")), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[100:110] = b"POISONED!!"  # same length, different bytes
+    victim.write_bytes(bytes(data))
+    shutil.rmtree(repo / "data" / "raw")
+    shutil.rmtree(repo / ".dvc" / "cache")  # a fresh clone: only the remote has the data
+    proc = run_cli("fetch-data", cwd=repo)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "corrupted data" in err and "content differs from data version" in err, err
+    assert not (repo / "data" / "raw").exists(), "nothing corrupted is left in the workspace"
+
+
+def test_the_cluster_fetch_refuses_a_corrupted_file_list(tmp_path):
+    """prepare on a cluster reads the remote directly: a tampered .dir listing is refused too."""
+    import hashlib
+    import json
+
+    import pytest
+
+    from rlhf.data.remote import fetch_raw
+    from rlhf.errors import UserError
+
+    remote = tmp_path / "remote"
+    body = b"{}\n"
+    md5 = hashlib.md5(body).hexdigest()
+    (remote / "files/md5" / md5[:2]).mkdir(parents=True)
+    (remote / "files/md5" / md5[:2] / md5[2:]).write_bytes(body)
+    listing = json.dumps([{"md5": md5, "relpath": "sft.jsonl"}]).encode()
+    h = hashlib.md5(listing).hexdigest()
+    (remote / "files/md5" / h[:2]).mkdir(parents=True, exist_ok=True)
+    (remote / "files/md5" / h[:2] / (h[2:] + ".dir")).write_bytes(listing.replace(b"sft", b"rlh"))
+    with pytest.raises(UserError, match="file list of data version .* is corrupted"):
+        fetch_raw(h + ".dir", str(remote), tmp_path / "out")

@@ -53,10 +53,14 @@ def fetch_raw(data_hash: str, remote: str, out: str | Path) -> Path:
         return f"{root}/files/md5/{md5[:2]}/{md5[2:]}{suffix}"
 
     try:
-        listing = json.loads(fs.cat_file(obj(h, ".dir")))
+        raw_listing = fs.cat_file(obj(h, ".dir"))
+        listing = json.loads(raw_listing)
     except FileNotFoundError:
         raise UserError(f"data version {h} is not in the DVC remote {remote}",
                         hint="`dvc push` it from the machine that has it") from None
+    if hashlib.md5(raw_listing).hexdigest() != h:
+        raise UserError(f"the file list of data version {h} in {remote} is corrupted (its md5 differs)",
+                        hint="repair the remote with `dvc push` from a good copy")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for entry in listing:

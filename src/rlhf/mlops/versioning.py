@@ -73,6 +73,55 @@ def workspace_changes(dvc_file: str | Path = "data.dvc") -> str:
     return ", ".join(changes)
 
 
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_workspace(dvc_file: str | Path = "data.dvc") -> tuple[list[str], list[Path]]:
+    """Re-hash the tracked data byte for byte against the version ``dvc_file`` names.
+
+    ``dvc status`` trusts what ``dvc pull`` wrote (a same-length corruption in the remote passes it);
+    this reads the version's file listing from the cache (its own md5 must be the recorded hash) and
+    compares every file's md5. Returns (problems, cache objects that do not match their name).
+    """
+    dvc_file = Path(dvc_file)
+    path, md5 = tracked_path(dvc_file)
+    if not md5.endswith(".dir"):
+        return ([] if path.is_file() and _md5(path) == md5 else [f"{path}: md5 differs from {dvc_file}"]), []
+    cache = Path(dvc("cache", "dir", cwd=dvc_file.parent).stdout.strip() or dvc_file.parent / ".dvc" / "cache")
+    if not cache.is_absolute():
+        cache = dvc_file.parent / cache
+    h = md5.removesuffix(".dir")
+
+    def obj(m: str, suffix: str = "") -> Path:
+        return cache / "files" / "md5" / m[:2] / (m[2:] + suffix)
+
+    listing_file = obj(h, ".dir")
+    if not listing_file.is_file() or _md5(listing_file) != h:
+        return [f"the file list of data version {h} is missing or corrupted"], [listing_file]
+    problems, bad = [], []
+    listing = json.loads(listing_file.read_text(encoding="utf-8"))
+    expected = {e["relpath"]: e["md5"] for e in listing}
+    for rel, want in expected.items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif _md5(f) != want:
+            problems.append(f"{f}: content differs from data version {h} (md5 {want})")
+            if obj(want).is_file() and _md5(obj(want)) != want:
+                bad.append(obj(want))
+    extra = sorted(str(q.relative_to(path)) for q in path.rglob("*") if q.is_file()
+                   and str(q.relative_to(path)) not in expected)
+    problems += [f"{path / rel}: not part of data version {h}" for rel in extra]
+    return problems, bad
+
+
 def fetch_data(dvc_file: str | Path = "data.dvc") -> str:
     """Make the tracked raw data present: already there, ``dvc pull``, or regenerate the demo data.
 
@@ -85,10 +134,24 @@ def fetch_data(dvc_file: str | Path = "data.dvc") -> str:
     dvc_file = Path(dvc_file)
     root = dvc_file.parent
     path, md5 = tracked_path(dvc_file)
-    if path.exists() and is_clean(dvc_file):
+    if path.exists() and is_clean(dvc_file) and not verify_workspace(dvc_file)[0]:
         return f"{path} is up to date (md5 {md5})"
     if dvc("pull", "--quiet", dvc_file.name, cwd=root, check=False).returncode == 0 and is_clean(dvc_file):
-        return f"pulled {path} from the DVC remote (md5 {md5})"
+        problems, bad = verify_workspace(dvc_file)
+        if problems:
+            # what was pulled is not the version data.dvc names: leave none of it behind
+            import shutil
+
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            for obj in bad:
+                obj.unlink(missing_ok=True)
+            raise DataError(f"the DVC remote served corrupted data: {problems[0]}"
+                            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                            hint="nothing was kept; repair the remote (`dvc push` from a good copy) and retry")
+        return f"pulled {path} from the DVC remote (md5 {md5}; every file's md5 checked)"
     generated = not (path.exists() and any(path.iterdir()))
     if generated:
         demo.generate(path)
