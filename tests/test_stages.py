@@ -86,6 +86,13 @@ def test_gate_decisions():
     assert gate(base, cfg, has_champion=False)["passed"]
     assert not gate(base, cfg, has_champion=True)["passed"]  # 3.0 < 2.9 + 0.2
     assert "kl_within_budget failed" in gate({**base, "kl_to_baseline": 11}, cfg, False)["reason"]
+    # floors: a first champion must clear an absolute bar, and the reward model must be sane
+    floored = cfg.model_copy(update={"min_gold": 3.5, "min_rm_accuracy": 0.7})
+    low = gate(base, floored, False, rm_accuracy=0.65)
+    assert not low["passed"] and "gold_floor failed" in low["reason"] and "reward_model_sane failed" in low["reason"]
+    assert gate(base, cfg.model_copy(update={"min_gold": 2.5}), False, rm_accuracy=0.9)["passed"]
+    nan = gate({**base, "policy_gold_mean": float("nan")}, cfg.model_copy(update={"min_gold": 0.0}), False)
+    assert not nan["passed"] and "min_gold: null" in nan["reason"]
     assert not gate({**base, "policy_gold_mean": 2.1}, cfg, False)["passed"]
 
 

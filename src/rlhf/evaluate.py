@@ -98,8 +98,10 @@ def _plots(per_model: dict[str, dict[str, list[float]]]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def gate(metrics: dict[str, Any], cfg: EvaluateConfig, has_champion: bool) -> dict[str, Any]:
-    """Pass/fail with reasons: beats the baseline (and champion) by the margin, KL within budget."""
+def gate(metrics: dict[str, Any], cfg: EvaluateConfig, has_champion: bool,
+         rm_accuracy: float | None = None) -> dict[str, Any]:
+    """Pass/fail with reasons: beats the baseline (and champion) by the margin, KL within budget, and the
+    floors: an absolute gold / reward level and a reward model that ranks held-out pairs well enough."""
     key = f"policy_{cfg.gate_metric}_mean"
     checks = []
 
@@ -116,6 +118,16 @@ def gate(metrics: dict[str, Any], cfg: EvaluateConfig, has_champion: bool) -> di
               f"{cfg.gate_metric} {cand:.3f} vs champion {champ:.3f} + margin {cfg.gate_margin}")
     check("kl_within_budget", metrics["kl_to_baseline"] <= cfg.kl_budget,
           f"KL {metrics['kl_to_baseline']:.3f} vs budget {cfg.kl_budget}")
+    for name, floor, value in (("gold_floor", cfg.min_gold, metrics.get("policy_gold_mean")),
+                               ("reward_floor", cfg.min_reward, metrics.get("policy_rm_mean"))):
+        if floor is not None:
+            ok = value is not None and not math.isnan(value) and value >= floor
+            shown = "undefined (set evaluate.min_gold: null for data without a gold score)" \
+                if value is None or math.isnan(value) else f"{value:.3f}"
+            check(name, ok, f"{name.split('_')[0]} {shown} vs floor {floor}")
+    if cfg.min_rm_accuracy is not None and rm_accuracy is not None:
+        check("reward_model_sane", rm_accuracy >= cfg.min_rm_accuracy,
+              f"reward model held-out accuracy {rm_accuracy:.3f} vs minimum {cfg.min_rm_accuracy}")
     failed = [c for c in checks if not c["passed"]]
     return {"passed": not failed, "metric": cfg.gate_metric, "margin": cfg.gate_margin,
             "kl_budget": cfg.kl_budget, "checks": checks,
@@ -175,7 +187,10 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     metrics["win_rate_rm_vs_baseline"] = _win_rate(per_model["policy"]["rm"], per_model["baseline"]["rm"])
     metrics["kl_to_baseline"] = _mean(kls)
     metrics["n_prompts"] = len(prompts)
-    decision = gate(metrics, cfg, champion is not None)
+    rm_accuracy = (rm_manifest.get("metrics") or {}).get("eval_accuracy")
+    if isinstance(rm_accuracy, (int, float)):
+        metrics["reward_model_eval_accuracy"] = float(rm_accuracy)
+    decision = gate(metrics, cfg, champion is not None, metrics.get("reward_model_eval_accuracy"))
     metrics["gate_passed"] = int(decision["passed"])
 
     samples = [{"prompt": p, **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],

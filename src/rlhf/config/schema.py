@@ -98,6 +98,12 @@ class EvaluateConfig(StageConfig):
     gate_metric: Literal["gold", "rm"] = "gold"
     gate_margin: float = Field(0.0, description="required improvement of the gate metric's mean")
     kl_budget: float = Field(20.0, gt=0, description="max mean sequence KL(candidate || SFT) in nats")
+    # floors: an absolute bar besides beating the baseline and the champion (a first champion must clear it)
+    min_gold: float | None = Field(None, description="the candidate's mean gold score must reach this (demo task "
+                                   "only: gold is undefined on other data); null: no floor")
+    min_reward: float | None = Field(None, description="the candidate's mean reward-model score must reach this")
+    min_rm_accuracy: float | None = Field(None, ge=0, le=1, description="the reward model's held-out pairwise "
+                                          "accuracy must reach this before anything can pass; null: no check")
 
 
 class PPOConfig(StageConfig):
