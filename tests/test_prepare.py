@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from rlhf.config import PrepareConfig
-from rlhf.data.prepare import is_eval, prepare
+from rlhf.data.prepare import is_eval, load_split, prepare
 from rlhf.errors import DataError
 
 
@@ -175,3 +175,50 @@ def test_bad_params_one_line(tmp_path, demo_raw):
                    str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "params file not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_gzipped_jsonl_is_read_transparently(tmp_path):
+    import gzip
+
+    rows = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(20)]
+    with gzip.open(tmp_path / "sft.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    m = prepare(tmp_path / "sft.jsonl.gz", tmp_path / "out")
+    assert m["sft_train_rows"] + m["sft_eval_rows"] == 20
+
+
+def test_skip_drops_and_counts_bad_records_up_to_the_limit(tmp_path):
+    good = [json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) for i in range(300)]
+    lines = good[:100] + ["{not json"] + good[100:200] + ['{"prompt": 3, "response": "x"}'] + good[200:]
+    f = tmp_path / "sft.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="not valid JSON"):
+        prepare(f, tmp_path / "fail")  # the default: the first bad record stops prepare
+    m = prepare(f, tmp_path / "skip", PrepareConfig(on_invalid="skip"))
+    assert m["invalid_records_skipped"] == 2 and m["sft_train_rows"] + m["sft_eval_rows"] == 300
+    manifest = json.loads((tmp_path / "skip" / "manifest.json").read_text())
+    assert manifest["invalid_records"]["first"][0].startswith(f"{f}:101")
+    with pytest.raises(DataError, match="2 malformed records .* over prepare.max_invalid_fraction"):
+        prepare(f, tmp_path / "strict", PrepareConfig(on_invalid="skip", max_invalid_fraction=0.001))
+    assert not (tmp_path / "strict").exists()
+
+
+def test_preference_only_data_trains_sft_on_the_chosen_replies(tmp_path):
+    rows = [{"prompt": f"q{i}?", "chosen": f"good {i}.", "rejected": f"bad {i}."} for i in range(50)]
+    m = prepare(_jsonl(tmp_path / "prefs.jsonl", rows), tmp_path / "out")
+    assert m["sft_train_rows"] + m["sft_eval_rows"] == 50
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "chosen replies" in manifest["sft_source"]
+    sft = pd.concat([load_split(tmp_path / "out", "sft", s) for s in ("train", "eval")])
+    assert set(sft["response"]) == {r["chosen"] for r in rows}
+
+
+def test_deep_nesting_and_lone_surrogates_are_one_line_errors(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    with pytest.raises(DataError, match="nested too deeply|must be text"):
+        prepare(deep, tmp_path / "o1")
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"prompt": "hi \\ud800 there", "response": "ok"}\n')
+    with pytest.raises(DataError, match="lone surrogate"):
+        prepare(lone, tmp_path / "o2")

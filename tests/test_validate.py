@@ -62,3 +62,19 @@ def test_cli_failure_is_one_line_and_nonzero(broken, tmp_path):
     assert proc.returncode == 3
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data validation failed") and "report.md" in err[0]
+
+
+def test_contradictory_pairs_are_counted_and_fail_above_the_limit(dataset, tmp_path):
+    d = tmp_path / "swapped"
+    shutil.copytree(dataset, d)
+    prefs = pd.read_parquet(d / "preferences" / "train.parquet")
+    swapped = prefs.iloc[:200].rename(columns={"chosen": "rejected", "rejected": "chosen"})
+    pd.concat([prefs, swapped], ignore_index=True).to_parquet(d / "preferences" / "train.parquet")
+    with pytest.raises(ValidationFailed, match="labelled the other way round"):
+        validate(d, tmp_path / "r", ValidateConfig())
+    doc = json.loads((tmp_path / "r" / "validation.json").read_text())
+    check = next(c for c in doc["checks"] if c["kwargs"].get("column") == "_not_contradicted"
+                 and c["dataset"] == "preferences/train")
+    assert check["unexpected_count"] == 400  # each of the 200 pairs, both ways round
+    m = validate(d, tmp_path / "r2", ValidateConfig(max_contradictory_fraction=0.5))
+    assert m["contradictory_pairs"] == 400

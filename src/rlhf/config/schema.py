@@ -22,6 +22,10 @@ class PrepareConfig(StageConfig):
     split_salt: str = Field("rlhf-v1", description="salt of the prompt hash that assigns the split")
     max_line_bytes: int = Field(1 << 20, ge=1024, description="longest accepted input line / record")
     min_chars: int = Field(1, ge=1)
+    on_invalid: Literal["fail", "skip"] = Field("fail", description="a malformed record stops prepare "
+                                                "(fail) or is dropped and counted (skip)")
+    max_invalid_fraction: float = Field(0.01, ge=0, le=1, description="with on_invalid: skip, fail anyway "
+                                        "when more than this share of the records is malformed")
 
 
 class ValidateConfig(StageConfig):
@@ -33,6 +37,8 @@ class ValidateConfig(StageConfig):
     max_prompt_chars: int = Field(4000, ge=1)
     max_response_chars: int = Field(4000, ge=1)
     examples_per_failure: int = Field(5, ge=1, le=100)
+    max_contradictory_fraction: float = Field(0.02, ge=0, le=1, description="largest share of preference "
+                                              "pairs that also appear labelled the other way round")
     reject_control_strings: bool = Field(True, description="fail on text holding a chat-template control string "
                                          "such as <|im_end|> or [INST] (it is encoded as plain text either way)")
 

@@ -1,7 +1,7 @@
 """The prepare stage: raw human data in several formats -> clean Parquet splits.
 
-Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files are
-all read; other files such as README.md are ignored):
+Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files, gzipped or not
+(``.jsonl.gz``, ``.json.gz``), are all read; other files such as README.md are ignored):
 
 * our JSONL, one record per line, the kind told by its fields:
   ``sft``: ``prompt`` + ``response``; ``preferences``: ``prompt`` + ``chosen`` +
@@ -15,7 +15,12 @@ all read; other files such as README.md are ignored):
   replies; multi-turn history stays in the prompt.
 
 UTF-8 with or without BOM, LF or CRLF line endings. Anything else gets a
-:class:`~rlhf.errors.DataError` naming the file, the line and the field.
+:class:`~rlhf.errors.DataError` naming the file, the line and the field; with
+``prepare.on_invalid: skip`` malformed records are dropped and counted instead (the first few are
+named in the manifest), up to ``max_invalid_fraction`` of them.
+
+Preference pairs without any demonstrations: SFT trains on the chosen replies (said in the
+manifest's ``sft_source``).
 
 Output: ``<out>/<kind>/{train,eval}.parquet`` + ``manifest.json``. The split is
 a hash of the prompt (so a prompt is never on both sides, in any kind), and
@@ -43,7 +48,7 @@ COLUMNS = {
     "preferences": ["prompt", "chosen", "rejected", "annotator", "time", "source"],
     "prompts": ["prompt", "source"],
 }
-SUFFIXES = (".jsonl", ".json")
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 MAX_JSON_FILE_BYTES = 256 << 20
 
 
@@ -81,8 +86,22 @@ def _text(rec: dict, key: str, where: str, *, required: bool = True) -> str | No
     return v
 
 
-def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
+def _suffix(path: Path) -> str:
+    """``.jsonl`` / ``.json`` / ``.jsonl.gz`` / ``.json.gz`` (lower-case), or the plain suffix."""
+    name = path.name.lower()
+    return next((s for s in (".jsonl.gz", ".json.gz") if name.endswith(s)), path.suffix.lower())
+
+
+def _open(path: Path):
+    import gzip
+
+    return gzip.open(path, "rb") if _suffix(path).endswith(".gz") else open(path, "rb")
+
+
+def _iter_jsonl(path: Path, max_line_bytes: int, invalid: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) per non-blank line. A bad line raises, or with ``invalid`` (a list)
+    is recorded there as its one-line error and skipped."""
+    with _open(path) as f:
         line_no = 0
         while True:
             raw = f.readline(max_line_bytes + 1)
@@ -90,29 +109,48 @@ def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
                 break
             line_no += 1
             where = f"{path}:{line_no}"
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                raise DataError(
-                    f"line is longer than {max_line_bytes:,} bytes", where=where,
-                    hint="split the record or raise prepare.max_line_bytes in params.yaml",
-                )
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                                where=where, hint="re-save the file as UTF-8") from None
-            text = text.rstrip("\r\n")
-            if not text.strip():
+                record = _parse_line(raw, line_no, where, max_line_bytes)
+            except DataError as e:
+                if invalid is None:
+                    raise
+                invalid.append(e.one_line())
+                while len(raw) > max_line_bytes and not raw.endswith(b"\n"):  # the rest of an over-long line
+                    raw = f.readline(max_line_bytes + 1)
                 continue
-            try:
-                yield line_no, json.loads(text)
-            except json.JSONDecodeError as e:
-                # a last line without a newline that does not parse: the file was cut off mid-record
-                truncated = not raw.endswith(b"\n")
-                what = "truncated JSON record (the file ends mid-record)" if truncated else \
-                    f"not valid JSON: {e.msg} (column {e.colno})"
-                raise DataError(what, where=where) from None
+            if record is not _BLANK:
+                yield line_no, record
+
+
+_BLANK = object()
+
+
+def _parse_line(raw: bytes, line_no: int, where: str, max_line_bytes: int) -> Any:
+    if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+        raise DataError(
+            f"line is longer than {max_line_bytes:,} bytes", where=where,
+            hint="split the record or raise prepare.max_line_bytes in params.yaml",
+        )
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                        where=where, hint="re-save the file as UTF-8") from None
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return _BLANK
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError("JSON nested too deeply", where=where) from None
+    except json.JSONDecodeError as e:
+        # a last line without a newline that does not parse: the file was cut off mid-record
+        truncated = not raw.endswith(b"\n")
+        what = "truncated JSON record (the file ends mid-record)" if truncated else \
+            f"not valid JSON: {e.msg} (column {e.colno})"
+        raise DataError(what, where=where) from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -120,7 +158,11 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     if size > MAX_JSON_FILE_BYTES:
         raise DataError(f"JSON file is {size:,} bytes, over the {MAX_JSON_FILE_BYTES:,} limit",
                         where=str(path), hint="convert it to JSONL (one record per line)")
-    raw = path.read_bytes()
+    with _open(path) as f:
+        raw = f.read(MAX_JSON_FILE_BYTES + 1)
+    if len(raw) > MAX_JSON_FILE_BYTES:
+        raise DataError(f"JSON file is over the {MAX_JSON_FILE_BYTES:,} byte limit", where=str(path),
+                        hint="convert it to JSONL (one record per line)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -128,6 +170,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", where=f"{path}:{line}") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError("JSON nested too deeply", where=str(path)) from None
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}") from None
     if not isinstance(data, list):
@@ -227,11 +271,11 @@ def input_files(raw: str | Path) -> list[Path]:
     if not p.exists():
         raise DataError(f"input path does not exist: {p}", hint="run `make data` to fetch the demo data")
     if p.is_file():
-        if p.suffix.lower() not in SUFFIXES:
+        if _suffix(p) not in SUFFIXES:
             raise DataError(f"unknown file format '{p.suffix or '(no extension)'}'", where=str(p),
-                            hint="use .jsonl (one JSON record per line) or .json")
+                            hint="use .jsonl (one JSON record per line) or .json, optionally gzipped")
         return [p]
-    files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SUFFIXES
+    files = sorted(q for q in p.rglob("*") if q.is_file() and _suffix(q) in SUFFIXES
                    and not any(part.startswith(".") for part in q.relative_to(p).parts))
     if not files:
         raise DataError(f"no .jsonl or .json files in directory {p}",
@@ -239,22 +283,42 @@ def input_files(raw: str | Path) -> list[Path]:
     return files
 
 
-def read_file(path: Path, max_line_bytes: int) -> list[Record]:
+def read_file(path: Path, max_line_bytes: int, invalid: list[str] | None = None) -> list[Record]:
+    """The records of one file. ``invalid``: collect malformed records' one-line errors there (skip)
+    instead of raising; the file itself being unreadable still raises."""
     if path.stat().st_size == 0:
         raise DataError("file is empty", where=str(path), hint="remove it or add records")
-    it = _iter_json(path) if path.suffix.lower() == ".json" else _iter_jsonl(path, max_line_bytes)
+    it = _iter_json(path) if _suffix(path) in (".json", ".json.gz") else _iter_jsonl(path, max_line_bytes, invalid)
     out = []
     for line_no, rec in it:
         where = f"{path}:{line_no}"
-        r = parse_record(rec, where)
+        try:
+            r = parse_record(rec, where)
+            _check_text(r, where)
+        except DataError as e:
+            if invalid is None:
+                raise
+            invalid.append(e.one_line())
+            continue
         for k in ("prompt", "response", "chosen", "rejected"):
             v = r.values.get(k)
             if v is not None:
                 r.values[k] = v.replace("\r\n", "\n").strip()
         out.append(r)
-    if not out:
+    if not out and not invalid:
         raise DataError("file has no records (only blank lines)", where=str(path))
     return out
+
+
+def _check_text(r: Record, where: str) -> None:
+    """Text fields must be encodable (a lone surrogate from a broken \\ud800 escape is not)."""
+    for k, v in r.values.items():
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"field '{k}' holds an invalid character (U+{ord(v[e.start]):04X}, a lone "
+                                "surrogate)", where=where, hint="fix the record's escapes") from None
 
 
 # ---------------------------------------------------------------- splitting
@@ -276,8 +340,16 @@ def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) 
     cfg = cfg or PrepareConfig()
     files = input_files(raw)
     records: list[Record] = []
+    invalid: list[str] | None = [] if cfg.on_invalid == "skip" else None
     for f in files:
-        records.extend(read_file(f, cfg.max_line_bytes))
+        records.extend(read_file(f, cfg.max_line_bytes, invalid))
+    n_invalid = len(invalid or [])
+    if n_invalid:
+        share = n_invalid / (n_invalid + len(records))
+        if share > cfg.max_invalid_fraction or not records:
+            raise DataError(f"{n_invalid} malformed records ({share:.1%}, over prepare.max_invalid_fraction "
+                            f"{cfg.max_invalid_fraction:.1%}); first: {invalid[0]}",
+                            hint="fix the input, or raise prepare.max_invalid_fraction")
 
     rows: dict[str, list[dict]] = {k: [] for k in KINDS}
     seen: dict[str, set] = {k: set() for k in KINDS}
@@ -289,6 +361,11 @@ def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) 
             continue
         seen[r.kind].add(key)
         rows[r.kind].append({**r.values, "source": r.source})
+    sft_source = "demonstrations"
+    if not rows["sft"] and rows["preferences"]:  # preference data only: SFT learns the chosen replies
+        rows["sft"] = [{"prompt": r["prompt"], "response": r["chosen"], "source": f"chosen:{r['source']}"}
+                       for r in rows["preferences"]]
+        sft_source = "the chosen replies of the preference pairs (no demonstrations in the input)"
     if not rows["prompts"]:  # no explicit prompt file: PPO/eval prompts come from the other kinds
         ps = dict.fromkeys(r["prompt"] for k in ("preferences", "sft") for r in rows[k])
         rows["prompts"] = [{"prompt": p, "source": "derived"} for p in ps]
@@ -309,10 +386,12 @@ def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) 
         metrics = {
             **{f"{k}_{s}_rows": n for k, d in counts.items() for s, n in d.items()},
             **{f"{k}_duplicates_removed": n for k, n in dups.items()},
+            "invalid_records_skipped": n_invalid,
         }
         write_manifest(tmp, kind="dataset", config=cfg, metrics=metrics,
                        extra={"files": {_rel(f, raw): sha256_file(f) for f in files}, "counts": counts,
-                              "duplicates_removed": dups})
+                              "duplicates_removed": dups, "sft_source": sft_source,
+                              "invalid_records": {"count": n_invalid, "first": (invalid or [])[:5]}})
     return metrics
 
 

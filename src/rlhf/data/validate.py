@@ -70,6 +70,9 @@ def _suite(gx, gxe, kind: str, split: str, cfg: ValidateConfig):
             "chosen and rejected differ")
         add(gxe.ExpectCompoundColumnsToBeUnique(column_list=["prompt", "chosen", "rejected"]),
             "no duplicate preference pairs")
+        add(gxe.ExpectColumnValuesToBeInSet(column="_not_contradicted", value_set=[True],
+                                            mostly=1.0 - cfg.max_contradictory_fraction),
+            f"at most {cfg.max_contradictory_fraction:.0%} of the pairs also appear labelled the other way round")
         add(gxe.ExpectColumnValuesToMatchRegex(column="annotator", regex=ANNOTATOR_ID),
             "annotator ids, where given, are short identifiers")
         add(gxe.ExpectColumnValuesToMatchRegex(column="time", regex=ISO_TIME),
@@ -87,6 +90,11 @@ def _with_helpers(kind: str, df: pd.DataFrame, other: pd.DataFrame) -> pd.DataFr
     df["_prompt_in_other_split"] = df["prompt"].isin(other_prompts).astype(bool) if "prompt" in df else False
     if kind == "preferences" and {"chosen", "rejected"} <= set(df.columns):
         df["_chosen_differs"] = (df["chosen"].fillna("") != df["rejected"].fillna("")).astype(bool)
+        # the same pair labelled both ways (A > B and B > A for one prompt): contradictory labels
+        pairs = set(zip(df["prompt"].fillna(""), df["chosen"].fillna(""), df["rejected"].fillna(""), strict=True))
+        df["_not_contradicted"] = [(p, r, c) not in pairs for p, c, r in
+                                   zip(df["prompt"].fillna(""), df["chosen"].fillna(""), df["rejected"].fillna(""),
+                                       strict=True)]
     return df
 
 
@@ -215,7 +223,9 @@ def validate(dataset: str | Path, out: str | Path, cfg: ValidateConfig | None = 
     cfg = cfg or ValidateConfig()
     with tracking.stage_run("validate", cfg) as tracker:
         doc = run_checks(dataset, cfg)
-        metrics = {"checks": doc["n_checks"], "failed": doc["n_failed"], "passed": int(doc["success"])}
+        metrics = {"checks": doc["n_checks"], "failed": doc["n_failed"], "passed": int(doc["success"]),
+                   "contradictory_pairs": sum(c["unexpected_count"] or 0 for c in doc["checks"]
+                                              if c["kwargs"].get("column") == "_not_contradicted")}
         with atomic_dir(out) as tmp:
             write_json(tmp / "validation.json", doc)
             (tmp / "report.md").write_text(_markdown(doc), encoding="utf-8")
