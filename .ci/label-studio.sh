@@ -21,14 +21,15 @@ if ! "$python" -m venv "$venv" >&2; then
   echo "label-studio.sh: cannot create a virtualenv with $python" >&2
   exit 1
 fi
-"$venv/bin/pip" install --quiet --upgrade pip >&2 || true
+log="$venv.install.log"  # pip's output; only its tail is shown, on failure
+"$venv/bin/pip" install --quiet --upgrade pip >"$log" 2>&1 || true
 for attempt in 1 2 3; do
-  if "$venv/bin/pip" install --quiet "label-studio==$LABEL_STUDIO_VERSION" >&2; then
+  if "$venv/bin/pip" install --quiet "label-studio==$LABEL_STUDIO_VERSION" >>"$log" 2>&1; then
     touch "$marker"
     echo "$exe"
     exit 0
   fi
-  echo "label-studio.sh: pip install label-studio failed (attempt $attempt); retrying" >&2
+  echo "label-studio.sh: pip install label-studio failed (attempt $attempt): $(grep -v '^WARNING: Location' "$log" | tail -n 3)" >&2
   sleep $((attempt * 5))
 done
 echo "label-studio.sh: label-studio $LABEL_STUDIO_VERSION cannot be installed here" >&2

@@ -232,7 +232,8 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written left
 
     # pulling again with the same labels is a no-op; other labels need --overwrite
-    assert run_cli("feedback-ls", "pull", batch_id, "--url", server.url, "--out", str(out), env=env).returncode == 0
+    proc = run_cli("feedback-ls", "pull", batch_id, "--url", server.url, "--out", str(out), env=env)
+    assert proc.returncode == 0 and "(unchanged)" in proc.stdout, proc.stdout + proc.stderr
     path.write_text(path.read_text().splitlines()[0] + "\n")
     proc = run_cli("feedback-ls", "pull", str(pid), "--url", server.url, "--out", str(out), env=env)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -286,14 +286,13 @@ def rows_from_tasks(tasks: list[dict[str, Any]], users: dict[int, str] | None = 
     return rows, summary
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write JSONL atomically: a temporary file beside ``path``, renamed into place."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file atomically: a temporary file beside ``path``, flushed, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -308,7 +307,10 @@ def pull(project: str | int, url: str, token: str | None, out: str | Path = "dat
     client = Client(url, token)
     pid = resolve_project(client, project)
     tasks = client.export(pid)
-    users = client.users()
+    try:
+        users = client.users()
+    except UserError:  # a token that may not list the organisation's users: annotators by id
+        users = {}
     by_batch: dict[str, list[dict]] = {}
     for t in tasks:
         bid = t.get("data", {}).get("batch_id") if isinstance(t.get("data"), dict) else None
@@ -322,17 +324,17 @@ def pull(project: str | int, url: str, token: str | None, out: str | Path = "dat
     for bid, ts in sorted(by_batch.items()):
         rows, summary = rows_from_tasks(ts, users, where=f"project {pid}")
         path = Path(out) / f"{bid}{EXPORT_SUFFIX}"
+        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+        old = path.read_text(encoding="utf-8") if path.is_file() else None
         # no a/b label yet: no file (an empty one would stop `rlhf prepare`)
-        planned.append((path, rows, {"batch_id": bid, "file": str(path) if rows else None, **summary}))
-    planned = [p for p in planned if p[1]] + [p for p in planned if not p[1]]
-    for path, rows, _ in planned:  # refuse before writing anything
-        if not rows:
-            continue
-        if path.exists() and not overwrite and path.read_text(encoding="utf-8") != "".join(
-                json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows):
+        state = "no a/b label" if not rows else "unchanged" if old == text else \
+            "new" if old is None else "replaced"
+        if state == "replaced" and not overwrite:  # refuse before writing anything
             raise UserError(f"{path} already exists with other labels",
                             hint="pass --overwrite to replace it with the project's current labels")
-    for path, rows, _ in planned:
-        if rows:
-            write_rows(path, rows)
+        planned.append((path, text, {"batch_id": bid, "file": str(path) if rows else None, "state": state,
+                                     **summary}))
+    for path, text, summary in planned:
+        if summary["state"] in ("new", "replaced"):
+            write_text_atomic(path, text)
     return {"project_id": pid, "batches": [s for _, _, s in planned]}

@@ -39,7 +39,7 @@ def pull_cmd(project: str = typer.Argument(..., help="project id (or the batch i
 
     res = labelstudio.pull(project, url, token, out, overwrite=overwrite)
     for b in res["batches"]:
-        where = b["file"] or "no file (no a/b label yet)"
+        where = f"{b['file']} ({b['state']})" if b["file"] else "no file (no a/b label yet)"
         typer.echo(f"batch {b['batch_id']}: {b['pairs']} pairs -> {where}; "
                    f"tie {b['tie']}, both bad {b['both_bad']}, skipped {b['skip']}, empty {b['empty']}")
     typer.echo("summary: " + json.dumps(res, sort_keys=True))
