@@ -384,6 +384,12 @@ def retrain_cmd(
                         "namespace": namespace, "wait": wait, "poll": poll, "timeout": timeout})
 
 
+# Label Studio interop for the feedback loop (to move under `rlhf feedback push/pull --label-studio`)
+from rlhf.feedback.labelstudio_cli import labelstudio_app  # noqa: E402
+
+app.add_typer(labelstudio_app, name="feedback-ls")
+
+
 TORCH_STAGES = {s.name for s in STAGES if s.gpu}  # the commands that compute with torch
 
 

@@ -12,7 +12,10 @@ Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files, gzi
   ``{"chosen": [messages], "rejected": [messages]}`` is a preference pair;
 * Anthropic HH-RLHF transcripts: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}``: split into the shared prompt and the two final assistant
-  replies; multi-turn history stays in the prompt.
+  replies; multi-turn history stays in the prompt;
+* a Label Studio JSON export of a pairwise project pushed by ``rlhf feedback-ls push`` (a list of
+  tasks with ``data`` and ``annotations``): each a/b annotation is a preference pair with its
+  annotator; ties, both-bad and skips give no pair (see :mod:`rlhf.data.labelstudio`).
 
 UTF-8 with or without BOM, LF or CRLF line endings. Anything else gets a
 :class:`~rlhf.errors.DataError` naming the file, the line and the field; with
@@ -39,6 +42,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf.config import PrepareConfig
+from rlhf.data import labelstudio
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, sha256_file, write_manifest
 
@@ -266,6 +270,18 @@ def parse_record(rec: Any, where: str) -> Record:
     )
 
 
+def labelstudio_records(task: dict, where: str) -> list[Record]:
+    """A Label Studio export task -> one preference record per a/b annotation (others give none)."""
+    texts = labelstudio.task_texts(task, where)
+    out = []
+    for j in labelstudio.task_judgements(task, where):
+        pair = labelstudio.preference(texts, j.choice)
+        if pair is not None:
+            out.append(Record("preferences", {"prompt": texts["prompt"], "chosen": pair[0], "rejected": pair[1],
+                                              "annotator": j.annotator, "time": j.time}, where))
+    return out
+
+
 def input_files(raw: str | Path) -> list[Path]:
     p = Path(raw)
     if not p.exists():
@@ -289,23 +305,26 @@ def read_file(path: Path, max_line_bytes: int, invalid: list[str] | None = None)
     if path.stat().st_size == 0:
         raise DataError("file is empty", where=str(path), hint="remove it or add records")
     it = _iter_json(path) if _suffix(path) in (".json", ".json.gz") else _iter_jsonl(path, max_line_bytes, invalid)
-    out = []
+    out, n_read = [], 0
     for line_no, rec in it:
         where = f"{path}:{line_no}"
+        n_read += 1
         try:
-            r = parse_record(rec, where)
-            _check_text(r, where)
+            records = labelstudio_records(rec, where) if labelstudio.is_task(rec) else [parse_record(rec, where)]
+            for r in records:
+                _check_text(r, where)
         except DataError as e:
             if invalid is None:
                 raise
             invalid.append(e.one_line())
             continue
-        for k in ("prompt", "response", "chosen", "rejected"):
-            v = r.values.get(k)
-            if v is not None:
-                r.values[k] = v.replace("\r\n", "\n").strip()
-        out.append(r)
-    if not out and not invalid:
+        for r in records:
+            for k in ("prompt", "response", "chosen", "rejected"):
+                v = r.values.get(k)
+                if v is not None:
+                    r.values[k] = v.replace("\r\n", "\n").strip()
+            out.append(r)
+    if not n_read and not invalid:
         raise DataError("file has no records (only blank lines)", where=str(path))
     return out
 
