@@ -263,6 +263,25 @@ def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, trackin
     assert "loss" not in client.get_run(run_id).data.metrics  # saved only because it was not stored
 
 
+def test_unsent_values_are_resent_exactly_once_by_tracking_flush(mlflow_sqlite, tracking_db, tmp_path, caplog):
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        with store_outage(tracking_db):
+            t.log_metrics({"loss": 0.25}, step=7)
+            wait_for_outage(t, caplog)
+        run_id = t.run_id
+    saved = tmp_path / "mlflow-unsent" / f"{run_id}.jsonl"
+    assert saved.exists() and "loss" not in client.get_run(run_id).data.metrics
+    env = {"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tracking_db}"}
+    res = run_cli("tracking", "flush", cwd=tmp_path, env=env)
+    assert res.returncode == 0 and "sent 1 value(s) from 1 file(s)" in res.stdout, res.stdout + res.stderr
+    assert not saved.exists()
+    assert [(m.value, m.step) for m in client.get_metric_history(run_id, "loss")] == [(0.25, 7)]
+    again = run_cli("tracking", "flush", cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "sent 0 value(s)" in again.stdout
+    assert len(client.get_metric_history(run_id, "loss")) == 1, "exactly once"
+
+
 def test_values_the_store_refuses_are_saved_at_once_and_the_rest_goes_on(mlflow_sqlite, tmp_path, caplog):
     client = mlflow_sqlite
     with tracking.stage_run("sft") as t:

@@ -122,6 +122,23 @@ for _s in STAGES:
     app.command(_s.name)(_stage_command(_s))
 
 
+tracking_app = typer.Typer(no_args_is_help=True, help="MLflow tracking: resend what an outage left unsent.")
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("flush")
+def tracking_flush_cmd(directory: Path = typer.Option(Path("mlflow-unsent"), "--dir",
+                                                      help="where stages saved what MLflow did not store")):
+    """Send the metrics and tags saved in mlflow-unsent/ during an MLflow outage (each value once)."""
+    from rlhf.mlops import tracking
+
+    if not tracking.enabled():
+        raise UserError("tracking is off (RLHF_TRACKING=off): nothing to send to")
+    n = tracking.resend_unsent(directory)
+    typer.echo(f"sent {n['rows']} value(s) from {n['files']} file(s)"
+               + (f"; {n['kept']} file(s) kept (see the warnings)" if n["kept"] else ""))
+
+
 models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, rollback, generate.")
 app.add_typer(models_app, name="models")
 

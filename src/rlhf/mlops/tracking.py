@@ -691,6 +691,44 @@ def pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-pipeli
                 os.environ[k] = v
 
 
+
+def resend_unsent(directory: str | Path = UNSENT_DIR) -> dict[str, int]:
+    """Send what earlier stages saved to ``mlflow-unsent/`` (``rlhf tracking flush``); each value once.
+
+    A file is removed as soon as all its rows are stored; a file whose run no longer exists, or that
+    the server refuses, stays (with the reason logged), as does everything when the server is down.
+    Returns counts of sent rows, sent files and files kept.
+    """
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    out = {"rows": 0, "files": 0, "kept": 0}
+    files = sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
+    if not files:
+        return out
+    client, _ = connect()
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        by_run: dict[str, list] = {}
+        for r in rows:
+            v = RunTag(r["tag"], str(r["value"])) if "tag" in r else \
+                Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r.get("step") or 0))
+            by_run.setdefault(r["run_id"], []).append(v)
+        try:
+            for run_id, values in by_run.items():
+                for chunk in _chunks(values):
+                    client.log_batch(run_id, metrics=[v for v in chunk if not _is_tag(v)],
+                                     tags=[v for v in chunk if _is_tag(v)], synchronous=True)
+        except MlflowException as e:
+            log.warning("%s kept: %s", f, _one_line(e))
+            out["kept"] += 1
+            continue
+        # sent: remove it at once, so a second flush cannot send the same values again
+        f.unlink()
+        out["rows"] += len(rows)
+        out["files"] += 1
+    return out
+
 __all__ = ["enabled", "tracking_uri", "experiment_name", "connect", "check_reachable", "stage_run", "pipeline_run",
            "start_pipeline_run", "end_pipeline_run", "find_pipeline_run", "Tracker", "redact", "redact_value",
-           "is_secret_key", "flatten", "config_params", "default_tags", "git_commit", "data_hash"]
+           "is_secret_key", "flatten", "config_params", "default_tags", "git_commit", "data_hash", "resend_unsent"]
