@@ -46,16 +46,20 @@ def stop_with(pid: int, poll_s: float = 1.0) -> None:
     """
     import threading
 
+    import psutil
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def watch() -> None:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            except PermissionError:  # alive, someone else's: not ours to watch
-                return
+        while not gone():
             time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name=f"stop-with-{pid}", daemon=True).start()
 

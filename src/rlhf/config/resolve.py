@@ -275,7 +275,8 @@ class RunConfig:
     def from_file(cls, path: str | Path | None = "params.yaml", *, missing_ok: bool = False, **kw) -> RunConfig:
         """From a params file; ``missing_ok``: a file that does not exist means the built-in defaults."""
         if path is None or missing_ok and not Path(path).exists():
-            return cls.from_data({}, source="defaults", **kw)
+            # the built-in defaults have no profiles: $RLHF_PROFILE does not apply (an explicit one still does)
+            return cls.from_data({}, source="defaults", **{"profile": "none", **kw})
         return cls.from_data(load_yaml(path), source=str(path), **kw)
 
     @classmethod

@@ -166,14 +166,12 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
         os.environ.setdefault("KFP_RUN_ID", run_id)
     if data_hash:
         os.environ.setdefault("RLHF_DATA_HASH", data_hash)
-    if profile and profile.lower() not in ("none", "base"):
-        os.environ["RLHF_PROFILE"] = profile
     run = step_config(params_yaml, profile, overrides, knobs)
     spec = stage(name)
     paths = {k: (getattr(v, "path", v) if v is not None else None) for k, v in inputs.items()}
     out_dir = Path(getattr(out, "path", out))
     target = out_dir / spec.output.file if spec.output.file else out_dir
-    with parent_run(run_id):
+    with parent_run(run_id), _profile_env(run.profile):
         result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
                            data_revision=data_revision)
     _tag_artifact(out, out_dir)
@@ -187,6 +185,23 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
             shutil.copyfile(report, html.path)
     log.info("[%s] done: %s", name, json.dumps(numeric_metrics(result), sort_keys=True)[:400])
     return result
+
+
+@contextlib.contextmanager
+def _profile_env(profile: str | None):
+    """``$RLHF_PROFILE`` = the step's profile while it runs (MLflow's profile tag), as it was afterwards."""
+    saved = os.environ.get("RLHF_PROFILE")
+    if profile:
+        os.environ["RLHF_PROFILE"] = profile
+    else:
+        os.environ.pop("RLHF_PROFILE", None)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RLHF_PROFILE", None)
+        else:
+            os.environ["RLHF_PROFILE"] = saved
 
 
 def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
