@@ -113,8 +113,16 @@ def test_gpu_steps_insist_on_cuda(compiled):
     spec, _, _ = compiled
     for comp in GPU_TASKS:
         assert executor(spec, comp)["env"] == [{"name": "RLHF_DEVICE", "value": "cuda"}], comp
-    for comp in ("prepare", "validate", "register", "sft-multinode", "finalize"):
+    for comp in ("prepare", "validate", "sft-multinode", "finalize"):
         assert not executor(spec, comp).get("env"), comp
+
+
+def test_register_records_the_images_it_was_compiled_for(compiled):
+    spec, _, _ = compiled
+    for comp in ("register", "register-2"):
+        env = {e["name"]: e["value"] for e in executor(spec, comp)["env"]}
+        assert env == {"RLHF_PIPELINE_IMAGE": "registry.example/rlhf:9.9",
+                       "RLHF_PIPELINE_GPU_IMAGE": "registry.example/rlhf:9.9-cuda"}, comp
 
 
 def test_kubernetes_platform_spec(compiled):
@@ -153,7 +161,8 @@ def test_no_credentials_or_tracking_uri_literals_in_the_ir(compiled):
     spec, _, _ = compiled
     for ex in spec["deploymentSpec"]["executors"].values():
         env = {e["name"] for e in ex["container"].get("env") or []}
-        assert env <= {"RLHF_DEVICE"}, "settings come from the ConfigMap/Secret, not literals"
+        assert env <= {"RLHF_DEVICE", "RLHF_PIPELINE_IMAGE", "RLHF_PIPELINE_GPU_IMAGE"}, \
+            "settings come from the ConfigMap/Secret, not literals"
 
 
 def test_caching_off_for_training_and_registration_retries_only_on_io(compiled):

@@ -250,7 +250,7 @@ def data_steps(c: Components, p, *, retries: bool = False):
     return prep, val
 
 
-def _dag(c: Components, p, *, retries: bool, gpu_device: str | None) -> None:
+def _dag(c: Components, p, *, retries: bool, gpu_device: str | None, record_images: bool) -> None:
     """The pipeline's body: ``p`` holds the pipeline parameters by name."""
     final = c.finalize(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, num_nodes=p.num_nodes,
                        training_namespace=p.training_namespace)
@@ -262,10 +262,10 @@ def _dag(c: Components, p, *, retries: bool, gpu_device: str | None) -> None:
     kubernetes.add_pod_label(final, *POD_LABEL)
     kubernetes.set_timeout(final, 900)
     with dsl.ExitHandler(final, name="rlhf-run"):
-        _body(c, p, retries=retries, gpu_device=gpu_device)
+        _body(c, p, retries=retries, gpu_device=gpu_device, record_images=record_images)
 
 
-def _body(c: Components, p, *, retries: bool, gpu_device: str | None) -> None:
+def _body(c: Components, p, *, retries: bool, gpu_device: str | None, record_images: bool) -> None:
     prep, val = data_steps(c, p, retries=retries)
     dataset = prep.outputs["dataset"]
 
@@ -307,20 +307,25 @@ def _body(c: Components, p, *, retries: bool, gpu_device: str | None) -> None:
                        ("register", challenger)):
         _common(task, stage(name), retries=retries)
     challenger.set_display_name(REGISTER_CHALLENGER)
+    if record_images:  # the registry's lineage: which code trained it (rlhf.mlops.registry.image_lineage)
+        for task in (reg, challenger):
+            task.set_env_variable("RLHF_PIPELINE_IMAGE", c.image).set_env_variable("RLHF_PIPELINE_GPU_IMAGE",
+                                                                                   c.gpu_image)
     for name, task in (("sft", sftn), ("reward", rewn), ("ppo", ppon)):
         _common(task, stage(name), retries=retries)
         task.set_display_name(f"{stage(name).display} (Trainer job, multi-node)")
 
 
 def make_pipeline(image: str | None = None, gpu_image: str | None = None, *, params_yaml: str | None = None,
-                  retries: bool = True, gpu_device: str | None = GPU_DEVICE):
+                  retries: bool = True, gpu_device: str | None = GPU_DEVICE, record_images: bool = True):
     """The pipeline function for these images.
 
     ``params_yaml``: default of the parameter of the same name (default: ./params.yaml).
     ``retries``: back-off retries on the I/O steps; ``rlhf run`` turns them off (local files do not
     flake, and a deterministic error should be shown at once, not after minutes of back-off).
     ``gpu_device``: ``RLHF_DEVICE`` of the GPU steps (``cuda``: no CPU fallback); ``rlhf run`` passes
-    None (its steps run where they are, on the CPU of a laptop).
+    None (its steps run where they are, on the CPU of a laptop). ``record_images``: the register
+    steps record the images as lineage (``rlhf run``'s subprocess steps do not run in them).
     """
     c = build(image, gpu_image)
     default_params = default_params_yaml() if params_yaml is None else params_text(params_yaml)
@@ -328,7 +333,7 @@ def make_pipeline(image: str | None = None, gpu_image: str | None = None, *, par
 
     def rlhf_pipeline(*args):
         _dag(c, SimpleNamespace(**dict(zip([q.name for q in params], args, strict=True))), retries=retries,
-             gpu_device=gpu_device)
+             gpu_device=gpu_device, record_images=record_images)
 
     rlhf_pipeline.__signature__ = inspect.Signature(
         [inspect.Parameter(q.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=q.default, annotation=q.type)

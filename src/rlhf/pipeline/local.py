@@ -227,7 +227,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     from kfp import local
 
     _patch_oneof()
-    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False, gpu_device=None)
+    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False, gpu_device=None,
+                                  record_images=False)
     console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
     env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "RLHF_LOCAL_RUN", "OMP_NUM_THREADS",
                                                "MKL_NUM_THREADS")}

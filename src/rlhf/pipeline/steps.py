@@ -206,6 +206,7 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
     if metrics is not None:
         for k, v in numeric_metrics(result).items():
             metrics.log_metric(k, v)
+        _write_metrics_file(metrics, numeric_metrics(result))
     if html is not None:
         report = out_dir / "report.html"
         if report.exists():
@@ -213,6 +214,15 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
             shutil.copyfile(report, html.path)
     log.info("[%s] done: %s", name, json.dumps(numeric_metrics(result), sort_keys=True)[:400])
     return result
+
+
+def _write_metrics_file(metrics: Any, values: dict[str, float]) -> None:
+    """The Metrics artifact's file too (KFP keeps the values in its metadata): an output whose file is
+    missing is a cache miss for kfp.local's cache, so a step with metrics would never hit it."""
+    path = getattr(metrics, "path", None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(values, sort_keys=True) + "\n")
 
 
 def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
