@@ -10,9 +10,12 @@
 """
 
 
+import json
 import os
 import signal
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,3 +169,62 @@ def test_a_gpu_step_with_a_gpu_trains_on_it(monkeypatch):
 
     monkeypatch.setenv(steps.DEVICE_ENV, "cuda")
     assert steps.check_device("ppo") == {"model": {"device": "cuda"}}
+
+
+# ----------------------------------------------------------------------------- Trainer jobs of a failed run
+
+
+class _KubeApiServer(BaseHTTPRequestHandler):
+    """The Kubernetes API on 127.0.0.1 as far as the clean-up sees it: TrainJobs of a run by label; no
+    PyTorchJob CRD (404). Records every request."""
+
+    requests: list = []
+
+    def _send(self, code: int, doc: dict) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        type(self).requests.append(("GET", self.path))
+        if self.path.startswith("/apis/trainer.kubeflow.org/v1alpha1/namespaces/rlhf/trainjobs?"):
+            job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob"}
+            self._send(200, {"kind": "TrainJobList", "apiVersion": "trainer.kubeflow.org/v1alpha1", "items": [
+                {**job, "metadata": {"name": "rlhf-sft-run42-aaaaaa"}, "status": {"conditions": [
+                    {"type": "Complete", "status": "True", "reason": "JobSetCompleted"}]}},
+                {**job, "metadata": {"name": "rlhf-reward-run42-bbbbbb"}, "status": {"conditions": [
+                    {"type": "Created", "status": "True", "reason": "JobSetCreated"}]}}]})
+        else:
+            self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404})
+
+    def do_DELETE(self):  # noqa: N802
+        type(self).requests.append(("DELETE", self.path))
+        self._send(200, {"kind": "Status", "status": "Success"})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_run_deletes_the_trainer_jobs_it_left_running():
+    from kubernetes import client
+
+    from rlhf.pipeline import finalize, multinode
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KubeApiServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _KubeApiServer.requests = []
+    try:
+        api = multinode.KubeApi(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{server.server_port}")))
+        done = finalize.finalize("Run42", "FAILED", "Task sft failed.", num_nodes=2, namespace="rlhf", api=api)
+    finally:
+        server.shutdown()
+    assert done["deleted_jobs"] == ["rlhf-reward-run42-bbbbbb"], done  # the succeeded job stays (its output)
+    gets = [p for m, p in _KubeApiServer.requests if m == "GET"]
+    assert all("labelSelector=rlhf.io%2Fpipeline-run%3Drun42" in p for p in gets), gets
+    deletes = [p for m, p in _KubeApiServer.requests if m == "DELETE"]
+    assert len(deletes) == 1 and deletes[0].startswith(
+        "/apis/trainer.kubeflow.org/v1alpha1/namespaces/rlhf/trainjobs/rlhf-reward-run42-bbbbbb")
+
