@@ -228,3 +228,32 @@ def test_a_failed_run_deletes_the_trainer_jobs_it_left_running():
     assert len(deletes) == 1 and deletes[0].startswith(
         "/apis/trainer.kubeflow.org/v1alpha1/namespaces/rlhf/trainjobs/rlhf-reward-run42-bbbbbb")
 
+
+
+# ----------------------------------------------------------------------------- a gated-out candidate
+
+
+def test_a_candidate_that_fails_the_gate_is_registered_as_challenger_only(demo_raw, tmp_path):
+    """`rlhf run` (the same DAG as the cluster's) with a gate no policy can pass: the register step of the
+    gate-failed branch records the candidate, alias challenger only, and champion stays unset."""
+    import mlflow
+    from conftest import quick_params
+
+    params = quick_params(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "gated-out",
+           "RLHF_CACHE": str(tmp_path / ".cache"), "RLHF_PROFILE": "", "RLHF_DATA_HASH": "",
+           "RLHF_PARENT_RUN_ID": "", "RLHF_PIPELINE_RUN_ID": "", "KFP_RUN_ID": "", "OMP_NUM_THREADS": "1"}
+    res = run_cli("run", "--raw", str(demo_raw), "--params", str(params), "--runs-dir", str(tmp_path / "runs"),
+                  "-p", "ppo_total_steps=1", "--set", "evaluate.gate_margin=100", cwd=tmp_path, env=env,
+                  timeout=900)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    assert "gate      FAILED" in out and "register  finished" in out
+    assert "registry  rlhf-policy v1 (challenger): gate failed" in out, out
+    client = mlflow.MlflowClient(uri)
+    model = client.get_registered_model("rlhf-policy")
+    assert {k: int(v) for k, v in model.aliases.items()} == {"challenger": 1}, "champion moves only on a pass"
+    tags = client.get_model_version("rlhf-policy", "1").tags
+    assert (tags["gate_passed"], tags["gate_decision"]) == ("false", "failed")
+    assert tags["gate_reason"] and tags["not_promoted_reason"].startswith("gate failed")
