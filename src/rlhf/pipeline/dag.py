@@ -357,3 +357,11 @@ def compile_pipeline(out: str | Path, *, image: str | None = None, gpu_image: st
 def pipeline_parameters() -> dict[str, Any]:
     """Name -> default of every pipeline parameter (for submit's validation and the parity test)."""
     return {q.name: q.default for q in parameters()}
+
+
+def typed_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with a number given for a string parameter as a string (``-p accelerator_limit=2``:
+    the command line parses it as YAML, KFP wants a string)."""
+    types = {q.name: q.type for q in parameters()}
+    return {k: str(v) if types.get(k) is str and isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            for k, v in values.items()}

@@ -202,6 +202,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     known = dag.pipeline_parameters()
     parameters = dict(parameters or {})
     check_parameters(parameters, known)
+    parameters = dag.typed_parameters(parameters)  # -p accelerator_limit=2: a string parameter
     if int(parameters.get("num_nodes", 1) or 1) > 1:
         raise ConfigError("num_nodes > 1 launches Kubeflow Trainer jobs: that needs a cluster",
                           hint="rlhf run is single-node; use rlhf submit")

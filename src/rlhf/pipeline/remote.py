@@ -50,12 +50,8 @@ def run_parameters(params: Path, profile: str | None, parameters: dict[str, Any]
     if overrides:
         values["overrides"] = overrides
     values.update(parameters or {})
-    known = dag.pipeline_parameters()
-    check_parameters(values, known)
-    for k, v in values.items():
-        if isinstance(known[k], str) and isinstance(v, (int, float)) and not isinstance(v, bool):
-            values[k] = str(v)
-    return values
+    check_parameters(values, dag.pipeline_parameters())
+    return dag.typed_parameters(values)
 
 
 def submit_remote(host: str, values: dict[str, Any], *, pipeline_file: str | Path | None = None,
