@@ -32,7 +32,12 @@ from rlhf.errors import UserError
 
 
 def test_prepare_and_validate_hit_the_cache_on_a_second_run_with_the_same_inputs(demo_raw, tmp_path, monkeypatch):
+    """kfp.local's cache keys on the task's arguments as compiled; the backend's driver first resolves the
+    runtime placeholders ({{$.pipeline_job_uuid}} -> the run id: backend/src/v2/driver/resolve.go at 2.17.0)
+    and keys on that (driver/cache.go, GenerateCacheKey). The key here resolves it per run the same way,
+    so a per-run argument on prepare or validate makes the second run miss, as it would on a cluster."""
     from kfp import dsl, local
+    from kfp.local.cache import LocalCache
 
     from rlhf.config.resolve import params_text
     from rlhf.pipeline import dag
@@ -48,8 +53,18 @@ def test_prepare_and_validate_hit_the_cache_on_a_second_run_with_the_same_inputs
         dag.data_steps(c, SimpleNamespace(raw_data=raw_data, data_hash=data_hash, data_revision=data_revision,
                                           params_yaml=params_yaml, profile=profile, overrides=overrides))
 
+    run = {"id": ""}
+    compute_key = LocalCache.compute_key
+
+    def backend_key(self, component_name, image, full_command, arguments, *args, **kwargs):
+        resolved = {k: v.replace(dsl.PIPELINE_JOB_ID_PLACEHOLDER, run["id"]) if isinstance(v, str) else v
+                    for k, v in arguments.items()}
+        return compute_key(self, component_name, image, full_command, resolved, *args, **kwargs)
+
+    monkeypatch.setattr(LocalCache, "compute_key", backend_key)
     cache = tmp_path / "cache"
     for i in range(2):  # two pipeline runs: two pipeline job ids, the same inputs
+        run["id"] = f"run-{i}"
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / f"root-{i}"),
                    enable_caching=True, cache_root=str(cache), raise_on_error=True)
         data_steps(raw_data=str(demo_raw), params_yaml=params, profile="tiny")
