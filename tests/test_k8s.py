@@ -777,6 +777,20 @@ def test_retrain_workflow():
     assert submit["env"]["KFP_TOKEN"] == "${{ secrets.KFP_TOKEN }}"
     assert submit["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
     assert on["workflow_dispatch"]["inputs"]["force"]["type"] == "boolean"
+    # the code that retrains is this commit's: both images built and pushed, the pipeline pinned to digests
+    builds = {s["id"]: s for s in steps if str(s.get("uses", "")).startswith("docker/build-push-action@")}
+    assert set(builds) == {"cpu", "gpu"}
+    for b in builds.values():
+        assert b["with"]["push"] is True and b["with"]["file"] == "components/Dockerfile"
+        assert "GIT_COMMIT=${{ github.sha }}" in b["with"]["build-args"]  # RLHF_GIT_COMMIT in the image
+    assert "TORCH_INDEX_URL=https://pypi.org/simple" in builds["gpu"]["with"]["build-args"]  # the CUDA wheels
+    compile_step = next(s for s in steps if "rlhf compile" in s.get("run", ""))
+    assert '--image "$CPU_IMAGE" --gpu-image "$GPU_IMAGE"' in compile_step["run"]
+    assert compile_step["env"]["CPU_IMAGE"].endswith("@${{ steps.cpu.outputs.digest }}")
+    assert compile_step["env"]["GPU_IMAGE"].endswith("@${{ steps.gpu.outputs.digest }}")
+    order = [s.get("id") or s.get("name") for s in steps]
+    assert order.index("cpu") < order.index(compile_step["name"]) < order.index(submit["name"])
+    assert wf["permissions"]["packages"] == "write"
     text = (ROOT / ".github/workflows/retrain.yml").read_text()
     # Credentials come only from secrets.*: every env value naming one is a secrets expression.
     for s in steps:

@@ -67,6 +67,7 @@ class FakeKfp:
         self.errors: list[str] = []
         self.run_outcome = "SUCCEEDED"
         self.gate = "passed"
+        self.version = "2.17.0"  # the backend's tag_name in healthz (KFP's apiserver main.go)
         self.multi_user = False
         self.login_redirect = False  # without a token: 302 to a login page instead of 401
         self.allowed_namespaces = {"team-a"}  # multi-user: the namespaces the token's user may use
@@ -118,7 +119,8 @@ class FakeKfp:
                 return 302, {"Location": "/dex/auth?client_id=kubeflow-oidc-authservice"}
             return 401, "Jwt verification fails"
         if path == f"{API}/healthz" and method == "GET":
-            return 200, {"multi_user": self.multi_user, "pipeline_store": "database"}
+            return 200, {"commit_sha": "0123abc", "tag_name": self.version, "multi_user": self.multi_user,
+                         "pipeline_store": "database"}
         if path == f"{API}/experiments" and method == "GET":
             namespace = query.get("namespace", [""])[0]
             if err := self.namespace_error(namespace):
@@ -160,9 +162,11 @@ class FakeKfp:
             if n >= 2:
                 run["state"] = self.run_outcome
                 final = "SUCCEEDED" if self.run_outcome == "SUCCEEDED" else "FAILED"
+                passed = self.gate == "passed"
                 tasks = [("Prepare data", "SUCCEEDED"), ("Evaluate + gate", final),
-                         ("Register model (MLflow)",
-                          "SUCCEEDED" if self.gate == "passed" and final == "SUCCEEDED" else "SKIPPED")]
+                         ("Register model (MLflow)", "SUCCEEDED" if passed and final == "SUCCEEDED" else "SKIPPED"),
+                         ("Register challenger (gate failed)",
+                          "SUCCEEDED" if not passed and final == "SUCCEEDED" else "SKIPPED")]
                 run["finished_at"] = now()
             else:
                 run["state"] = "RUNNING"
@@ -306,11 +310,11 @@ def test_submit_errors_are_one_line(kfp_server, compiled):
     assert res.returncode != 0 and "cannot reach the KFP API" in res.stderr
     assert stderr_lines(res) == ["error: cannot reach the KFP API at http://127.0.0.1:9 (Failed to establish "
                                  "a new connection: [Errno 111] Connection refused)"]
-    # with a namespace kfp.Client skips the health check: the 401 comes from the experiment lookup
+    # with a namespace kfp.Client skips its health check; the version check (backend floor) still asks
     res = run_cli("schedule", "--host", kfp_server.url, "--pipeline", str(compiled), "--cron", "0 3 * * *",
                   "--namespace", "team-a", env={**ENV, "KFP_TOKEN": ""})
     assert res.returncode != 0 and len(stderr_lines(res)) == 1, res.stderr
-    assert "experiment 'rlhf': HTTP 401 Jwt verification fails" in res.stderr
+    assert "health check (version): HTTP 401 Jwt verification fails" in res.stderr
     assert not kfp_server.runs and not kfp_server.recurring and not kfp_server.experiments
 
 
@@ -320,7 +324,7 @@ def test_a_redirect_to_the_login_page_is_reported_not_followed(kfp_server, compi
                   env={**ENV, "KFP_TOKEN": ""})
     assert res.returncode != 0 and len(stderr_lines(res)) == 1, res.stderr
     assert "HTTP 302, redirected to /dex/auth" in res.stderr and "$KFP_TOKEN" in res.stderr
-    assert [p for _, p, _ in kfp_server.requests] == ["/apis/v2beta1/experiments"]  # the login page untouched
+    assert [p for _, p, _ in kfp_server.requests] == ["/apis/v2beta1/healthz"]  # the login page untouched
 
 
 def test_multi_user_kfp_needs_a_namespace_the_user_may_use(kfp_server, compiled):
@@ -347,8 +351,9 @@ def test_submit_wait_reports_a_failed_gate(kfp_server, tmp_path, compiled):
     res = run_cli("submit", "--host", kfp_server.url, "--pipeline", str(compiled), "--wait", "--poll", "0.05",
                   "--summary-file", str(summary), env=ENV)
     assert res.returncode == 0, res.stdout + res.stderr  # the run succeeded; the gate kept the champion
-    assert "gate failed: the evaluation gate failed; nothing was registered" in res.stdout
+    assert "gate failed: the evaluation gate failed; the policy was registered as challenger only" in res.stdout
     assert "Register model (MLflow): SKIPPED" in res.stdout
+    assert "Register challenger (gate failed): SUCCEEDED" in res.stdout
     (run_id,) = kfp_server.runs
     assert kfp_server.polls[run_id] == 2  # followed until the run ended, then stopped
     assert "gate: **failed**" in summary.read_text()
@@ -425,3 +430,23 @@ def test_a_silent_api_times_out_in_one_line():
         assert not t.is_alive(), "the client hung on a silent server"
     (err,) = outcome
     assert str(err) == f"cannot reach the KFP API at {host} (Read timed out. (read timeout=0.2))"
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_a_backend_older_than_the_floor_is_refused_in_one_line(kfp_server, compiled, command):
+    """Artifact dsl.OneOf over dsl.If/dsl.Else picks the last branch before KFP 2.17.0 (kubeflow/pipelines#13436)."""
+    kfp_server.version = "2.16.1"
+    extra = ("--cron", "0 3 * * *", "--name", "nightly") if command == "schedule" else ()
+    res = run_cli(command, "--host", kfp_server.url, "--pipeline", str(compiled), *extra, env=ENV)
+    assert res.returncode != 0
+    (line,) = stderr_lines(res)
+    assert "is 2.16.1; this pipeline needs 2.17.0 or newer" in line and "13436" in line
+    assert not kfp_server.runs and not kfp_server.recurring, "nothing was created"
+
+
+def test_a_backend_that_reports_no_version_gets_a_warning_and_the_run(kfp_server, compiled):
+    kfp_server.version = "unknown"  # a dev build of the API server (TAG_NAME unset)
+    res = run_cli("submit", "--host", kfp_server.url, "--pipeline", str(compiled), env=ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "reports version 'unknown'; this pipeline needs 2.17.0 or newer" in res.stdout + res.stderr
+    assert len(kfp_server.runs) == 1

@@ -50,7 +50,7 @@ def test_components_are_lightweight_and_self_contained(c):
 def test_prepare_and_validate_bodies(c, demo_raw, tmp_path, params_yaml):
     dataset, metrics = art(Dataset, tmp_path, "dataset"), art(Metrics, tmp_path, "metrics")
     c.prepare.python_func(raw_data=str(demo_raw), data_hash="", data_revision="abc", params_yaml=params_yaml,
-                          profile="tiny", run_id="run-1", overrides={}, dataset=dataset, metrics=metrics)
+                          profile="tiny", overrides={}, dataset=dataset, metrics=metrics)
     manifest = json.loads((Path(dataset.path) / "manifest.json").read_text())
     assert manifest["kind"] == "dataset"
     assert dataset.metadata["content_hash"] == manifest["content_hash"]
@@ -59,7 +59,7 @@ def test_prepare_and_validate_bodies(c, demo_raw, tmp_path, params_yaml):
 
     validation, report, vm = art(Artifact, tmp_path, "validation"), art(HTML, tmp_path, "report.html"), \
         art(Metrics, tmp_path, "vmetrics")
-    c.validate.python_func(dataset=dataset, params_yaml=params_yaml, profile="", run_id="run-1", overrides={},
+    c.validate.python_func(dataset=dataset, params_yaml=params_yaml, profile="", overrides={},
                            validation=validation, report=report, metrics=vm)
     assert vm.metadata["failed"] == 0 and vm.metadata["passed"] == 1
     assert "<html" in Path(report.path).read_text().lower()
@@ -75,9 +75,9 @@ def test_validate_body_raises_on_bad_data(c, demo_raw, tmp_path, params_yaml):
         (raw / f"{f}.jsonl").write_text("\n".join(lines) + "\n")
     dataset = art(Dataset, tmp_path, "dataset")
     c.prepare.python_func(raw_data=str(raw), data_hash="", data_revision="", params_yaml=params_yaml, profile="",
-                          run_id="r", overrides={}, dataset=dataset, metrics=art(Metrics, tmp_path, "m"))
+                          overrides={}, dataset=dataset, metrics=art(Metrics, tmp_path, "m"))
     with pytest.raises(ValidationFailed, match="data validation failed"):
-        c.validate.python_func(dataset=dataset, params_yaml=params_yaml, profile="", run_id="r", overrides={},
+        c.validate.python_func(dataset=dataset, params_yaml=params_yaml, profile="", overrides={},
                                validation=art(Artifact, tmp_path, "v"), report=art(HTML, tmp_path, "r.html"),
                                metrics=art(Metrics, tmp_path, "vm"))
     assert (tmp_path / "v" / "report.md").exists(), "the report is written before the step fails"
@@ -101,7 +101,7 @@ def test_prepare_body_fetches_the_dvc_version_without_git(c, demo_raw, tmp_path,
     monkeypatch.setenv("DVC_REMOTE_URL", str(remote))
     dataset = art(Dataset, tmp_path, "dataset")
     c.prepare.python_func(raw_data="", data_hash=dir_md5 + ".dir", data_revision="", params_yaml=params_yaml,
-                          profile="", run_id="r", overrides={}, dataset=dataset, metrics=art(Metrics, tmp_path, "m"))
+                          profile="", overrides={}, dataset=dataset, metrics=art(Metrics, tmp_path, "m"))
     assert (Path(dataset.path) / "prompts" / "eval.parquet").exists()
     with pytest.raises(Exception, match="not in the DVC remote"):
         data_remote.fetch_raw("0" * 32, str(remote), tmp_path / "none")

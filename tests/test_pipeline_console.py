@@ -56,16 +56,22 @@ def test_console_reports_the_steps_own_error(tmp_path):
     assert "done:" not in out.getvalue()
 
 
-def test_gate_skip_is_shown_as_register_skipped(tmp_path):
+def test_branches_not_taken_and_the_exit_task_are_not_shown(tmp_path):
     out = io.StringIO()
     c = console.Console(tmp_path, out=out)
     c.write("Skipping conditional task condition-3 (condition evaluated to False)\n")  # the multi-node branch
     c.write("01:00:00.000 - INFO - Executing task 'evaluate'\n"
             "01:00:01.000 - INFO - Task 'evaluate' finished with status SUCCESS\n"
-            "Skipping conditional task condition-4 (condition evaluated to False)\n")
+            "Skipping conditional task condition-6 (condition evaluated to False)\n"  # gate-passed
+            "01:00:02.000 - INFO - Executing task 'register-2'\n"  # the gate-failed branch: challenger
+            "01:00:03.000 - INFO - Task 'register-2' finished with status SUCCESS\n"
+            "01:00:03.100 - INFO - Executing task 'finalize'\n"
+            "01:00:04.000 - INFO - Task 'finalize' finished with status SUCCESS\n")
     c.close_logs()
-    lines = [line for line in out.getvalue().splitlines() if "skipped" in line]
-    assert len(lines) == 1 and "register  skipped (the evaluation gate failed)" in lines[0]
+    text = out.getvalue()
+    assert "skipped" not in text and "finalize" not in text and "condition" not in text, text
+    assert "register  started" in text and "register  finished" in text
+    assert (tmp_path / "logs" / "finalize.log").exists(), "the exit task's log is kept"
 
 
 def test_parameters_and_overrides_from_the_command_line():

@@ -451,6 +451,8 @@ def test_run_stage_job_stages_data_and_takes_the_jobs_output(tmp_path, monkeypat
     assert out.metadata["trainer_job"] == api.created[0]["metadata"]["name"]
     assert api.created[0]["spec"]["trainer"]["numNodes"] == 2
     assert str(scratch / "run-9" / "ppo") in api.created[0]["spec"]["trainer"]["args"]
+    # the run's label: the exit handler deletes what a killed launcher left behind (rlhf.pipeline.finalize)
+    assert api.created[0]["metadata"]["labels"][mn.RUN_LABEL] == "run-9"
 
 
 def test_job_entry_point_runs_the_cli_under_torchrun_and_uploads_from_node_0(tmp_path, monkeypatch):

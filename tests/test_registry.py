@@ -173,6 +173,9 @@ def test_gate_story_promotes_better_keeps_worse_and_is_idempotent(story, store):
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5, 6]  # the retry created nothing
     tags3 = store.client.get_model_version(store.cfg.model_name, "3").tags
     assert "beats_champion failed" in tags3["not_promoted_reason"] and "promoted_at" not in tags3
+    # a gated-out candidate is in the registry (the audit trail) as challenger only, the gate as tags
+    assert (tags3["gate_passed"], tags3["gate_decision"]) == ("false", "failed")
+    assert tags3["gate_reason"]
     assert story["history_before_rollback"] == [1, 2]
 
 
@@ -222,7 +225,8 @@ def test_lineage_on_versions_and_runs(story, store):
     assert t["data_hash"] == DATA_HASH and t["dataset_hash"] == policy_manifest["inputs"]["dataset"]
     assert len(t["git_commit"]) == 40
     assert t["policy_content_hash"] == policy_manifest["content_hash"] and t["policy_stage"] == "ppo"
-    assert t["gate_passed"] == "true" and t["evaluated_against"] == "none"
+    assert t["gate_passed"] == "true" and t["gate_decision"] == "passed" and t["evaluated_against"] == "none"
+    assert "image" not in t and "image_digest" not in t  # not a cluster run: no step images to record
     assert float(t["metric.policy_gold_mean"]) == 0.5 and float(t["metric.kl_to_baseline"]) == 1.0
     assert json.loads(t["params"])["train.lr"] == 0.001 and len(t["params_hash"]) == 16
     assert t["reward_model_version"] == "1" and t["register_run_id"] == mv.run_id == a["run_id"]
@@ -376,3 +380,13 @@ def _mv(version: int, **tags):
 def test_promotion_decision(gate_, against, champion, cand_tags, cfg, expect):
     ok, why = registry.promotion_decision(gate_, against, champion, cand_tags, cfg)
     assert ok is expect[0] and expect[1] in why
+
+
+def test_image_lineage_records_the_pinned_training_image(monkeypatch):
+    digest = "sha256:" + "ab" * 32
+    monkeypatch.setenv(registry.ENV_IMAGE, f"ghcr.io/x/rlhf@{digest}")
+    monkeypatch.setenv(registry.ENV_TRAINING_IMAGE, f"ghcr.io/x/rlhf-cuda@{digest}")
+    assert registry.image_lineage() == {"image": f"ghcr.io/x/rlhf@{digest}",
+                                        "training_image": f"ghcr.io/x/rlhf-cuda@{digest}", "image_digest": digest}
+    monkeypatch.setenv(registry.ENV_TRAINING_IMAGE, "ghcr.io/x/rlhf:latest-cuda")  # a tag: no digest to record
+    assert registry.image_lineage()["image_digest"] is None

@@ -242,8 +242,9 @@ def test_cli_host_submits_only_when_needed(store, kfp_server, compiled, tmp_path
     env = {"KFP_TOKEN": TOKEN, "RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": store.uri,
            "MLFLOW_EXPERIMENT_NAME": "test-retrain", "RLHF_PROFILE": "", "RLHF_DATA_HASH": ""}
     summary = tmp_path / "summary.md"
+    # the champion was trained with the tiny profile; a cluster run's default is cluster_profile: (smollm2)
     base = ("retrain", "--host", kfp_server.url, "--pipeline", str(compiled), "-p", "ppo_total_steps=2",
-            "--summary-file", str(summary))
+            "--profile", "tiny", "--summary-file", str(summary))
     res = run_cli(*base, "--data-hash", DATA_HASH, cwd=store.root, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith("up to date: champion rlhf-policy v1") and not kfp_server.runs

@@ -127,8 +127,9 @@ app.add_typer(tracking_app, name="tracking")
 
 
 @tracking_app.command("flush")
-def tracking_flush_cmd(directory: Path = typer.Option(Path("mlflow-unsent"), "--dir",
-                                                      help="where stages saved what MLflow did not store")):
+def tracking_flush_cmd(directory: Path | None = typer.Option(None, "--dir", help="where stages saved what MLflow "
+                                                             "did not store (default: $RLHF_UNSENT_DIR or "
+                                                             "./mlflow-unsent)")):
     """Send the metrics and tags saved in mlflow-unsent/ during an MLflow outage (each value once)."""
     from rlhf.mlops import tracking
 
@@ -211,8 +212,8 @@ PIPELINE_PARAM = typer.Option([], "--param", "-p", help="pipeline parameter NAME
                               "-p sft_max_steps=20; `rlhf compile` + the YAML header list them all")
 SET_FIELD = typer.Option([], "--set", help="any config field SECTION.FIELD=VALUE (repeatable), e.g. --set "
                          "ppo.total_steps=5 (the pipeline parameter `overrides`)")
-PROFILE = typer.Option(None, help="params profile (default: $RLHF_PROFILE, else params.yaml's `profile:`; "
-                       "'none': the base sections)")
+PROFILE = typer.Option(None, help="params profile (default: $RLHF_PROFILE, else params.yaml's `profile:` on "
+                       "this machine, its `cluster_profile:` on a cluster; 'none': the base sections)")
 PIPELINE_FILE = typer.Option(None, "--pipeline", help="compiled pipeline YAML (default: compile now)")
 IMAGE_OPT = typer.Option(None, "--image", envvar="RLHF_IMAGE", help="component image (CPU steps)")
 GPU_IMAGE_OPT = typer.Option(None, "--gpu-image", envvar="RLHF_GPU_IMAGE",

@@ -346,6 +346,25 @@ def load_stage(cls: type[C], section: str, params: str | Path | None = "params.y
     return run.section(section, cls)
 
 
-def resolve_profile(profile: str | None, params: str | Path) -> str:
-    """The profile a run uses, by name: --profile, $RLHF_PROFILE, params.yaml's ``profile:``; else 'none'."""
-    return profile or active_profile(load_yaml(params)) or "none"
+#: params.yaml's key naming the profile of cluster runs (``profile:`` is the laptop's)
+CLUSTER_PROFILE_KEY = "cluster_profile"
+
+
+def cluster_profile(data: dict[str, Any]) -> str:
+    """The profile a cluster run uses when none is given: ``$RLHF_PROFILE``, else ``cluster_profile:``.
+
+    One rule for every door: an explicit profile (``--profile``, ``$RLHF_PROFILE``) wins; otherwise
+    the laptop doors (``rlhf run``, ``dvc repro``, the stage commands) use ``profile:`` and the
+    cluster doors (``rlhf compile``/``submit``/``schedule``, ``rlhf retrain --host``, the CronJob)
+    use ``cluster_profile:``; a params file without that key means the base sections ('none').
+    """
+    return os.environ.get("RLHF_PROFILE") or data.get(CLUSTER_PROFILE_KEY) or "none"
+
+
+def resolve_profile(profile: str | None, params: str | Path, *, cluster: bool = False) -> str:
+    """The profile a run uses, by name: --profile, $RLHF_PROFILE, params.yaml's ``profile:`` (``cluster``:
+    its ``cluster_profile:``, see :func:`cluster_profile`); else 'none'."""
+    if profile:
+        return profile
+    data = load_yaml(params)
+    return cluster_profile(data) if cluster else (active_profile(data) or "none")

@@ -17,7 +17,8 @@ KFP ``register`` component and the ``register`` DVC stage call it):
 4. Idempotent: a retried pipeline run (same ``pipeline_run_id`` tag), or the
    same policy bytes (``policy_content_hash`` tag), finds its version instead of
    creating a second one.
-5. Lineage on every version (tags): data hash (DVC), dataset hash, git commit,
+5. Lineage on every version (tags): data hash (DVC), dataset hash, git commit (``RLHF_GIT_COMMIT``
+   in the image), the step images and the training image's digest (:func:`image_lineage`),
    pipeline run id, parent / training / evaluation / register run ids, training
    params (redacted JSON) and their hash, the hash of the whole resolved
    pipeline configuration (``pipeline_config_hash``, per section in
@@ -344,13 +345,27 @@ def _lineage(inp: dict[str, Any], pipeline_run_id: str | None) -> dict[str, Any]
         "reward_content_hash": inp["reward_hash"],
         "reward_run_id": rm.get("mlflow_run_id"),
         "gate_passed": str(bool(gate["passed"])).lower(),
+        "gate_decision": "passed" if gate["passed"] else "failed",
         "gate_reason": gate.get("reason", ""),
         "gate_metric": gate.get("metric"),
         "evaluated_against": inp["evaluated_against"] or "none",
         "params_hash": hashlib.sha256(params_json.encode()).hexdigest()[:16],
         "params": params_json,
         "profile": tracking.profile(),
+        **image_lineage(),
     }
+
+
+#: the images of the pipeline's steps, set on the register task by the compiled pipeline (rlhf.pipeline.dag)
+ENV_IMAGE, ENV_TRAINING_IMAGE = "RLHF_PIPELINE_IMAGE", "RLHF_PIPELINE_GPU_IMAGE"
+
+
+def image_lineage() -> dict[str, str | None]:
+    """``image`` / ``training_image`` (the CPU and GPU step images, as compiled: ``repo@sha256:...`` when
+    pinned) and ``image_digest`` (the training image's digest, when pinned); None outside a cluster run."""
+    image, training = os.environ.get(ENV_IMAGE) or None, os.environ.get(ENV_TRAINING_IMAGE) or None
+    digest = training.partition("@")[2] if training and "@sha256:" in training else None
+    return {"image": image, "training_image": training, "image_digest": digest}
 
 
 # ----------------------------------------------------------------------------- promotion rule
@@ -445,7 +460,7 @@ def _register_reward(client, reward_dir, inp, lineage, cfg: RegisterConfig) -> t
     rm = inp["reward_manifest"]
     rm_metrics = _finite_metrics(rm.get("metrics") or {})
     tags = {k: lineage[k] for k in ("pipeline_run_id", "parent_run_id", "git_commit", "data_hash", "dataset_hash",
-                                    "profile")}
+                                    "profile", "training_image", "image_digest")}
     tags.update({"content_hash": inp["reward_hash"], "training_run_id": rm.get("mlflow_run_id"),
                  "reward_norm": json.dumps(rm.get("reward_norm")), "max_seq_len": rm.get("max_seq_len"),
                  **{f"metric.{k}": f"{v:.6g}" for k, v in rm_metrics.items()}})

@@ -140,18 +140,19 @@ def _no_profile_env() -> Iterator[None]:
 
 
 def run_config(params: str | Path, profile: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-               knobs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Any]:
+               knobs: dict[str, Any] | None = None, *, cluster: bool = False) -> tuple[str, dict[str, Any], Any]:
     """``(profile, fingerprint, register config)`` of the run params.yaml + profile + overrides + knobs make.
 
     Resolved by :class:`rlhf.config.resolve.RunConfig` exactly as a pipeline step resolves its
-    parameters, so the fingerprint is the one the register step records.
+    parameters, so the fingerprint is the one the register step records. ``cluster``: a run on
+    Kubeflow, whose default profile is params.yaml's ``cluster_profile:``.
     """
     from rlhf.config.resolve import RunConfig, resolve_profile
 
     params = Path(params)
     if not params.is_file():
         raise ConfigError(f"params file not found: {params}", hint="run from the project root or pass --params")
-    profile = resolve_profile(profile, params)
+    profile = resolve_profile(profile, params, cluster=cluster)
     with _no_profile_env():
         run = RunConfig.from_file(params, profile=profile, overrides=overrides, knobs=knobs)
         return profile, run.fingerprint(), run.section("register")
@@ -172,11 +173,11 @@ def _parse_sections(text: str | None) -> dict[str, str] | None:
 
 def decide(params: str | Path = "params.yaml", *, data_hash: str, profile: str | None = None,
            overrides: dict[str, dict[str, Any]] | None = None, knobs: dict[str, Any] | None = None,
-           force: bool = False) -> Decision:
+           force: bool = False, cluster: bool = False) -> Decision:
     """Compare what a run would use now (``data_hash``, the params) with the champion's lineage."""
     from rlhf.mlops import registry, tracking
 
-    profile, fp, cfg = run_config(params, profile, overrides, knobs)
+    profile, fp, cfg = run_config(params, profile, overrides, knobs, cluster=cluster)
     champion = registry.champion_version(cfg)
     d = Decision(retrain=True, reason="", model_name=cfg.model_name, data_hash=data_hash,
                  config_hash=fp["hash"], profile=profile)
@@ -257,7 +258,7 @@ def retrain(*, mode: str, params: str | Path = "params.yaml", profile: str | Non
                           hint="use rlhf retrain --host")
     current, raw = current_data(dvc_file, data_hash, local=mode == "local")
     decision = decide(params, data_hash=current, profile=profile, overrides=overrides, knobs=parameters,
-                      force=force)
+                      force=force, cluster=mode == "host")
     echo(decision.line())
     if summary_file is not None:
         with open(summary_file, "a", encoding="utf-8") as f:

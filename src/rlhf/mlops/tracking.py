@@ -107,6 +107,7 @@ ENV_DATA_HASH = "RLHF_DATA_HASH"
 ROLE_TAG = "rlhf.role"
 RETRY_SECONDS = 30.0  # while MLflow is down: how often kept metrics are tried again
 UNSENT_DIR = "mlflow-unsent"
+ENV_UNSENT_DIR = "RLHF_UNSENT_DIR"
 # A refused connection gives up after about 7 s (MLflow's defaults, 7 retries x factor 2: about 4 minutes).
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -130,6 +131,19 @@ def display_uri(uri: str | None = None) -> str:
     return redact_value(uri or tracking_uri())
 
 
+def unsent_dir() -> Path:
+    """Where values MLflow never received are kept: ``$RLHF_UNSENT_DIR``, else ``./mlflow-unsent`` when the
+    working directory is writable, else ``<tmp>/mlflow-unsent`` (the image's ``/app`` is root-owned and
+    its root filesystem read-only; the pod's ``/tmp`` is writable)."""
+    if os.environ.get(ENV_UNSENT_DIR):
+        return Path(os.environ[ENV_UNSENT_DIR])
+    if os.access(os.getcwd(), os.W_OK):
+        return Path(UNSENT_DIR)
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / UNSENT_DIR
+
+
 # ----------------------------------------------------------------------------- lineage tags
 
 
@@ -149,7 +163,8 @@ def _git(cwd: str) -> tuple[str | None, bool | None]:
 
 
 def git_commit() -> str | None:
-    """The commit of the code: ``RLHF_GIT_COMMIT`` (set in images), else the package's git checkout."""
+    """The commit of the code: ``RLHF_GIT_COMMIT`` (the image's, from the build argument ``GIT_COMMIT``),
+    else the package's git checkout."""
     return os.environ.get("RLHF_GIT_COMMIT") or _git(str(Path(__file__).resolve().parent))[0] or \
         _git(os.getcwd())[0]
 
@@ -495,7 +510,7 @@ class Tracker:
         return self._save_unsent(held, "MLflow stayed unreachable")
 
     def _save_unsent(self, values: list, why: str) -> Path:
-        out = Path(UNSENT_DIR) / f"{self.run_id}.jsonl"
+        out = unsent_dir() / f"{self.run_id}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a", encoding="utf-8") as f:
             for v in values:
@@ -692,7 +707,7 @@ def pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-pipeli
 
 
 
-def resend_unsent(directory: str | Path = UNSENT_DIR) -> dict[str, int]:
+def resend_unsent(directory: str | Path | None = None) -> dict[str, int]:
     """Send what earlier stages saved to ``mlflow-unsent/`` (``rlhf tracking flush``); each value once.
 
     A file is removed as soon as all its rows are stored; a file whose run no longer exists, or that
@@ -703,7 +718,8 @@ def resend_unsent(directory: str | Path = UNSENT_DIR) -> dict[str, int]:
     from mlflow.exceptions import MlflowException
 
     out = {"rows": 0, "files": 0, "kept": 0}
-    files = sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
+    directory = Path(directory) if directory is not None else unsent_dir()
+    files = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
     if not files:
         return out
     client, _ = connect()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 COMPONENTS = Path(__file__).with_name("components.py")
 DVC_YAML = ROOT / "dvc.yaml"
 
-LAUNCHER_SIGNATURE = ("num_nodes: int", "accelerator_type: str", "accelerator_limit: int", "cpu: str",
+LAUNCHER_SIGNATURE = ("num_nodes: int", "accelerator_type: str", "accelerator_limit: str", "cpu: str",
                       "memory: str", "node_selector: dict", "tolerations: list", "image: str", "namespace: str",
                       "job_kind: str", "scratch_url: str", "timeout_s: int")
 HEADER = "GENERATED from the stage table (src/rlhf/pipeline/stages.py) by `make codegen`: do not edit."
@@ -40,7 +40,8 @@ def component_parameters(s: Stage, *, launcher: bool = False) -> list[str]:
             params += ["raw_data: str", "data_hash: str", "data_revision: str"]
         elif i.kind == "artifact":
             params.append(f"{i.name}: Input[{i.kfp_type}]")
-    params += ["params_yaml: str", "profile: str", "run_id: str", "overrides: dict"]
+    # a cached stage takes no run_id: a per-run argument would change its cache key every run
+    params += ["params_yaml: str", "profile: str", *([] if s.cache else ["run_id: str"]), "overrides: dict"]
     if any(i.kind == "champion" for i in s.inputs):
         params.append("compare_champion: bool")
     if s.name == "register":

@@ -7,7 +7,7 @@ Each body hands its arguments to :func:`rlhf.pipeline.steps.kfp_step` (or ``kfp_
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output  # noqa: F401
 
 
-def prepare(raw_data: str, data_hash: str, data_revision: str, params_yaml: str, profile: str, run_id: str,
+def prepare(raw_data: str, data_hash: str, data_revision: str, params_yaml: str, profile: str,
             overrides: dict, dataset: Output[Dataset], metrics: Output[Metrics]):
     """Read raw data (JSONL, chat messages, HH-RLHF) into deduplicated Parquet train/eval splits."""
     from rlhf.pipeline import steps
@@ -15,7 +15,7 @@ def prepare(raw_data: str, data_hash: str, data_revision: str, params_yaml: str,
     steps.kfp_step("prepare", locals())
 
 
-def validate(dataset: Input[Dataset], params_yaml: str, profile: str, run_id: str, overrides: dict,
+def validate(dataset: Input[Dataset], params_yaml: str, profile: str, overrides: dict,
              validation: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """Check the prepared dataset with Great Expectations; fail before training on any violation."""
     from rlhf.pipeline import steps
@@ -72,7 +72,7 @@ def register(policy: Input[Model], reward_model: Input[Model], evaluation: Input
 
 
 def sft_multinode(dataset: Input[Dataset], params_yaml: str, profile: str, run_id: str, overrides: dict,
-                  num_nodes: int, accelerator_type: str, accelerator_limit: int, cpu: str, memory: str,
+                  num_nodes: int, accelerator_type: str, accelerator_limit: str, cpu: str, memory: str,
                   node_selector: dict, tolerations: list, image: str, namespace: str, job_kind: str,
                   scratch_url: str, timeout_s: int, model: Output[Model], metrics: Output[Metrics],
                   model_name: str = '', lora: str = '', sft_max_steps: int = 0):
@@ -84,7 +84,7 @@ def sft_multinode(dataset: Input[Dataset], params_yaml: str, profile: str, run_i
 
 def reward_multinode(dataset: Input[Dataset], sft: Input[Model], params_yaml: str, profile: str,
                      run_id: str, overrides: dict, num_nodes: int, accelerator_type: str,
-                     accelerator_limit: int, cpu: str, memory: str, node_selector: dict, tolerations: list,
+                     accelerator_limit: str, cpu: str, memory: str, node_selector: dict, tolerations: list,
                      image: str, namespace: str, job_kind: str, scratch_url: str, timeout_s: int,
                      model: Output[Model], metrics: Output[Metrics], model_name: str = '', lora: str = '',
                      reward_max_steps: int = 0):
@@ -96,7 +96,7 @@ def reward_multinode(dataset: Input[Dataset], sft: Input[Model], params_yaml: st
 
 def ppo_multinode(dataset: Input[Dataset], sft: Input[Model], reward_model: Input[Model], params_yaml: str,
                   profile: str, run_id: str, overrides: dict, num_nodes: int, accelerator_type: str,
-                  accelerator_limit: int, cpu: str, memory: str, node_selector: dict, tolerations: list,
+                  accelerator_limit: str, cpu: str, memory: str, node_selector: dict, tolerations: list,
                   image: str, namespace: str, job_kind: str, scratch_url: str, timeout_s: int,
                   model: Output[Model], metrics: Output[Metrics], model_name: str = '', lora: str = '',
                   ppo_total_steps: int = 0, ppo_kl_coef: float = -1.0):

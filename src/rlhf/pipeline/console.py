@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+HIDDEN_TASKS = ("finalize",)
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (SUCCESS|FAILURE)")
 TASK_RETRY = re.compile(r"Task (\S+) failed \(attempt (\d+)/(\d+)\)")
@@ -166,14 +167,17 @@ class Console:
             self._task_log.close()
         self._task_log = open(state.log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self.current = task
-        self.echo(f"{self.stamp()} {stage_of(task):<9} started")
+        if not self.hidden(task):
+            self.echo(f"{self.stamp()} {stage_of(task):<9} started")
 
     def end(self, task: str, ok: bool) -> None:
         state = self.tasks.setdefault(task, TaskState(task))
         state.ended = time.perf_counter()
         state.status = "succeeded" if ok else "failed"
         took = state.ended - (state.started or state.ended)
-        if self.stop_reason:
+        if self.hidden(task) and ok:
+            pass
+        elif self.stop_reason:
             state.status = "stopped"
             self.echo(f"{self.stamp()} {stage_of(task):<9} stopped ({self.stop_reason}) after {took:.1f} s")
         elif ok:
@@ -190,11 +194,15 @@ class Console:
         state.status = "skipped"
         if not show:
             return
-        if not task.startswith("condition"):
+        # a skipped condition is the branch not taken (single/multi-node; gate passed/failed: register runs
+        # in either branch, the summary says which): nothing to show
+        if not task.startswith("condition") and not self.hidden(task):
             self.echo(f"{self.stamp()} {stage_of(task):<9} skipped ({why})")
-        elif any(stage_of(t) == "evaluate" and s.status == "succeeded" for t, s in self.tasks.items()):
-            # the only condition after evaluate is the gate around register
-            self.echo(f"{self.stamp()} {'register':<9} skipped (the evaluation gate failed)")
+
+    @staticmethod
+    def hidden(task: str) -> bool:
+        """The exit handler's task (rlhf.pipeline.finalize): logged, not shown."""
+        return stage_of(task) in HIDDEN_TASKS
 
     @property
     def failed(self) -> TaskState | None:

@@ -2,7 +2,8 @@
 
 The requests ``kfp.Client`` makes here (KFP v2beta1 REST API, served by the contract test too):
 
-    GET  /apis/v2beta1/healthz                     on connecting without a namespace (multi-user check)
+    GET  /apis/v2beta1/healthz                     on connecting without a namespace (multi-user check),
+                                                   and by submit/schedule: the backend's version (``tag_name``)
     GET  /apis/v2beta1/experiments?filter=...      create_experiment: find the experiment by name,
     POST /apis/v2beta1/experiments                 or create it
     POST /apis/v2beta1/runs                        run_pipeline: a run of the compiled package (inline spec)
@@ -19,6 +20,13 @@ package kfp cannot parse) is one :class:`KfpError` line.
 parameters, pipeline (a hash in its description) and service account are unchanged nothing happens,
 otherwise a new one is created and the old one(s) deleted (the v2beta1 API has no update), so exactly
 one remains. Max concurrency 1, no catch-up.
+
+**Backend floor**: ``submit`` and ``schedule`` refuse a KFP backend older than :data:`MIN_BACKEND`
+(2.17.0): before it, an artifact ``dsl.OneOf`` over ``dsl.If``/``dsl.Else`` resolves to the last
+branch (kubeflow/pipelines#13436), so the default single-node run would fail at evaluate. The
+version is the ``tag_name`` the API server's healthz answers (``kfp.Client``'s model drops that
+field, so it is read from the raw answer); a server that reports none (``unknown``: a dev build)
+gets a warning, not a refusal.
 """
 
 from __future__ import annotations
@@ -45,8 +53,10 @@ import urllib3
 import yaml
 from google.protobuf import json_format
 
+MIN_BACKEND = (2, 17, 0)
 FINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "ERROR"}
-REGISTER_TASK = "register"
+REGISTER_TASK = "register model"     # display names (rlhf.pipeline.stages / dag.REGISTER_CHALLENGER)
+CHALLENGER_TASK = "register challenger"
 EVALUATE_TASK = "evaluate"
 PAGE_SIZE = 100
 
@@ -339,7 +349,9 @@ def gate_from_run(run: dict) -> tuple[str, str]:
                 return st
         return None
 
-    reg, ev = state_of(REGISTER_TASK), state_of(EVALUATE_TASK)
+    challenger, reg, ev = state_of(CHALLENGER_TASK), state_of(REGISTER_TASK), state_of(EVALUATE_TASK)
+    if challenger == "SUCCEEDED":
+        return "failed", "the evaluation gate failed; the policy was registered as challenger only, champion unchanged"
     if reg == "SUCCEEDED":
         return "passed", "the evaluation gate passed; the policy was registered (champion per the gate)"
     if ev == "SUCCEEDED" and reg in (None, "SKIPPED"):
@@ -377,10 +389,38 @@ def compiled_spec(pipeline_file: str | Path | None, *, image: str | None = None,
         return load_pipeline_package(path)
 
 
+def backend_version(client: KfpClient) -> str:
+    """The KFP backend's version as its healthz reports it (``tag_name``: ``2.17.0``, ``unknown``...)."""
+    def get() -> Any:
+        answer = client.sdk._healthz_api.healthz_service_get_healthz(
+            _preload_content=False, _request_timeout=(client.timeout, client.timeout))
+        return json.loads(answer.data or b"{}")
+
+    doc = client.call("health check (version)", get)
+    return str((doc if isinstance(doc, dict) else {}).get("tag_name") or "unknown")
+
+
+def check_backend(client: KfpClient, echo: Callable[[str], None] = print) -> str:
+    """Refuse a backend older than :data:`MIN_BACKEND` (one :class:`KfpError` line); returns its version."""
+    version = backend_version(client)
+    floor = ".".join(map(str, MIN_BACKEND))
+    m = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", version)
+    if not m:
+        echo(f"warning: the KFP backend at {client.host} reports version {version!r}; this pipeline needs "
+             f"{floor} or newer (artifact dsl.OneOf over dsl.If/dsl.Else)")
+        return version
+    if tuple(int(x) for x in m.groups()) < MIN_BACKEND:
+        raise KfpError(f"KFP backend at {client.host} is {version}; this pipeline needs {floor} or newer "
+                       f"(before it, artifact dsl.OneOf over dsl.If/dsl.Else picks the wrong branch, "
+                       f"kubeflow/pipelines#13436; see docs/deploy.md)")
+    return version
+
+
 def submit(client: KfpClient, *, pipeline_spec: dict, parameters: dict[str, Any], experiment: str,
            run_name: str, service_account: str | None = None, wait: bool = False, poll_s: float = 30.0,
            timeout_s: float = 6 * 3600, echo: Callable[[str], None] = print) -> dict:
     """Create a run in ``experiment`` (made if missing); with ``wait``, follow it to its end."""
+    check_backend(client, echo)
     exp = client.ensure_experiment(experiment)
     run = client.create_run(display_name=run_name, pipeline_spec=pipeline_spec, parameters=parameters,
                             experiment_id=exp, service_account=service_account)
@@ -396,6 +436,7 @@ def schedule(client: KfpClient, *, pipeline_spec: dict, parameters: dict[str, An
              echo: Callable[[str], None] = print) -> tuple[str, dict]:
     """Create or update the recurring run ``name``; returns ("created" | "updated" | "unchanged", run)."""
     cron6 = kfp_cron(cron)
+    check_backend(client, echo)
     exp = client.ensure_experiment(experiment)
     description = f"rlhf schedule; pipeline {spec_hash(pipeline_spec)}"
     if service_account:  # the server may fill in its default account, so the one asked for is kept here

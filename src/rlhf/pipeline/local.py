@@ -202,6 +202,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     known = dag.pipeline_parameters()
     parameters = dict(parameters or {})
     check_parameters(parameters, known)
+    parameters = dag.typed_parameters(parameters)  # -p accelerator_limit=2: a string parameter
     if int(parameters.get("num_nodes", 1) or 1) > 1:
         raise ConfigError("num_nodes > 1 launches Kubeflow Trainer jobs: that needs a cluster",
                           hint="rlhf run is single-node; use rlhf submit")
@@ -227,7 +228,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     from kfp import local
 
     _patch_oneof()
-    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False)
+    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False, gpu_device=None,
+                                  record_images=False)
     console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
     env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "RLHF_LOCAL_RUN", "OMP_NUM_THREADS",
                                                "MKL_NUM_THREADS")}

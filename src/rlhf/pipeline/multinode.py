@@ -124,6 +124,15 @@ def _resources(gpus: int, accelerator_type: str, cpu: str, memory: str,
     return {"requests": req, "limits": lim}
 
 
+#: label of every job a pipeline run starts (its value: :func:`run_label`), for the exit handler's clean-up
+RUN_LABEL = "rlhf.io/pipeline-run"
+
+
+def run_label(run_id: str) -> str:
+    """A pipeline run id as a label value (at most 63 of ``[a-z0-9-]``, no leading/trailing dash)."""
+    return re.sub(r"[^a-z0-9-]", "", (run_id or "").lower())[:63].strip("-") or "none"
+
+
 def _pod_labels(stage: str) -> dict[str, str]:
     return {**POD_LABELS, "app.kubernetes.io/name": f"rlhf-{stage}", "rlhf.io/stage": stage}
 
@@ -261,6 +270,28 @@ def build_job(kind: str, **kw) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ status
 
 
+def delete_run_jobs(run_id: str, namespace: str, api: Any = None,
+                    echo: Callable[[str], None] = print) -> list[str]:
+    """Delete every job of pipeline run ``run_id`` that did not succeed (the exit handler's clean-up).
+
+    A launcher deletes its own job when it fails or is stopped; this catches the jobs whose launcher
+    was killed outright (OOM, node loss, ``activeDeadlineSeconds``). Returns the deleted names.
+    """
+    api = api or KubeApi()
+    deleted = []
+    for kind in KINDS:
+        try:
+            found = api.jobs(kind, namespace, f"{RUN_LABEL}={run_label(run_id)}")
+        except Exception as e:  # noqa: BLE001 - a kind whose CRD is not installed: nothing of it to delete
+            log.debug("listing %s in %s: %s", kind, namespace, e)
+            continue
+        for obj in found:
+            if job_state({"kind": kind, **obj})[0] != "Succeeded":
+                _delete(api, kind, namespace, obj["metadata"]["name"], echo)
+                deleted.append(obj["metadata"]["name"])
+    return deleted
+
+
 def job_state(obj: dict[str, Any]) -> tuple[str, str]:
     """("Succeeded" | "Failed" | "Running", message) of a TrainJob or PyTorchJob object."""
     kind = obj.get("kind", "TrainJob")
@@ -313,6 +344,11 @@ class KubeApi:
         g, v, plural, _ = KINDS[kind]
         self.custom.delete_namespaced_custom_object(g, v, namespace, plural, name,
                                                     propagation_policy="Background")
+
+    def jobs(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        g, v, plural, _ = KINDS[kind]
+        return self.custom.list_namespaced_custom_object(g, v, namespace, plural,
+                                                         label_selector=selector).get("items") or []
 
     def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         items = self.core.list_namespaced_pod(namespace, label_selector=selector).items
@@ -469,6 +505,7 @@ def run_stage_job(stage: str, *, inputs: dict[str, Any], out: Any, metrics: Any,
                         image=image, num_nodes=int(num_nodes), gpus_per_node=int(gpus_per_node),
                         scratch_url=scratch, cpu=cpu, memory=memory, accelerator_type=accelerator_type,
                         node_selector=node_selector, tolerations=tolerations, active_deadline_s=timeout_s)
+        obj["metadata"]["labels"][RUN_LABEL] = run_label(run_id)  # found by the exit handler's clean-up
         launch_and_wait(obj, api, poll_s=poll_s, timeout_s=timeout_s)
     out_path = getattr(out, "path", out)
     copy_tree(f"{scratch}/output", out_path)

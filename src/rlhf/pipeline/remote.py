@@ -31,8 +31,11 @@ def run_parameters(params: Path, profile: str | None, parameters: dict[str, Any]
                    data_hash: str | None) -> dict[str, Any]:
     """The runtime parameters of a cluster run: params.yaml, profile, data version, knobs, overrides.
 
-    ``data_revision`` defaults to the git commit, ``data_hash`` to the md5 in ``data.dvc``.
+    ``data_revision`` defaults to the git commit, ``data_hash`` to the md5 in ``data.dvc``, the
+    profile to params.yaml's ``cluster_profile:`` (:func:`rlhf.config.resolve.cluster_profile`). A
+    number given for a string parameter (``-p accelerator_limit=2``) is sent as a string.
     """
+    from rlhf.config.resolve import resolve_profile
     from rlhf.mlops import tracking, versioning
     from rlhf.pipeline import dag
     params = Path(params)
@@ -43,12 +46,12 @@ def run_parameters(params: Path, profile: str | None, parameters: dict[str, Any]
     values: dict[str, Any] = {
         "data_revision": data_revision if data_revision is not None else (tracking.git_commit() or ""),
         "data_hash": data_hash, "params_yaml": params_text(params.read_text(encoding="utf-8")),
-        "profile": profile or ""}
+        "profile": resolve_profile(profile, params, cluster=True)}
     if overrides:
         values["overrides"] = overrides
     values.update(parameters or {})
     check_parameters(values, dag.pipeline_parameters())
-    return values
+    return dag.typed_parameters(values)
 
 
 def submit_remote(host: str, values: dict[str, Any], *, pipeline_file: str | Path | None = None,

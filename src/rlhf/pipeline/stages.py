@@ -83,7 +83,7 @@ class Stage:
     timeout_s: int = 3600
     gpu: bool = False              # runs on a GPU node (training image, accelerator settings)
     cpu_request: tuple[str, str] | None = None  # (cpu, memory) of a CPU step
-    cache: bool = True             # KFP caching
+    cache: bool = True             # KFP caching (a cached stage's component takes no per-run argument)
     retries: bool = False          # back-off retries (steps that do I/O against remote services)
     report: bool = False           # has an HTML report (a KFP HTML output)
     returns_gate: bool = False     # the KFP component returns "passed"/"failed" (evaluate)
@@ -198,7 +198,7 @@ STAGES: tuple[Stage, ...] = (
                         kind="evaluation"),
           sections=("evaluate", "model"), reads=("register",), code=(f"{PY}/evaluate.py", f"{PY}/train/generation.py"),
           done=_evaluate_done, display="Evaluate + gate", timeout_s=4 * 3600, gpu=True, report=True,
-          returns_gate=True,
+          returns_gate=True, cache=False,  # reads the registry's champion: the same inputs may mean another gate
           options=(Option("champion_from_registry", ("--champion-from-registry",), bool, False,
                           "compare with models:/<register.model_name>@champion when there is one (what "
                           "`dvc repro` does)"),),

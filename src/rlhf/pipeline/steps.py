@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config.resolve import KNOB_NAMES, RunConfig
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, UserError
 from rlhf.io import check_output
 from rlhf.pipeline.stages import CHAMPION, STAGE_NAMES, STAGES, TRAINING_STAGES, stage
 from rlhf.redact import install_log_redaction
@@ -152,6 +152,30 @@ def step_config(params_yaml: str, profile: str, overrides: dict | None, knobs: d
     return RunConfig.from_text(params_yaml or "{}", profile=profile or None, overrides=overrides, knobs=knobs)
 
 
+#: the device a step must train on (``cuda`` on the cluster's GPU steps: :mod:`rlhf.pipeline.dag`)
+DEVICE_ENV = "RLHF_DEVICE"
+
+
+def check_device(name: str) -> dict[str, dict[str, Any]]:
+    """A GPU stage with ``$RLHF_DEVICE`` set: stop now if that device is missing; else the model override.
+
+    On a cluster the GPU steps get ``RLHF_DEVICE=cuda``: a pod that got no GPU (no ``nvidia.com/gpu``
+    limit, a CPU node, a CPU image) fails in one line instead of training on the CPU until its timeout.
+    ``rlhf run`` leaves it unset, so a laptop trains on what it has.
+    """
+    device = os.environ.get(DEVICE_ENV, "")
+    if not device or not stage(name).gpu:
+        return {}
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"stage {name} is a GPU step (RLHF_DEVICE=cuda) but this pod sees no CUDA device",
+                            hint="check the pipeline parameters accelerator_type / accelerator_limit, the node's "
+                                 "NVIDIA device plugin, and that GPU steps use the -cuda image")
+    return {"model": {"device": device}}
+
+
 def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: str, profile: str = "",
                   overrides: dict[str, dict[str, Any]] | None = None, knobs: dict[str, Any] | None = None,
                   metrics: Any = None, html: Any = None, run_id: str = "", data_hash: str = "",
@@ -162,6 +186,10 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
     None; ``out`` is the output artifact; ``metrics`` / ``html`` the optional Metrics / HTML outputs.
     """
     setup_logging()
+    device = check_device(name)
+    if device:
+        overrides = {**(overrides or {}), "model": {**(overrides or {}).get("model", {}), **device["model"]}}
+    run_id = run_id or os.environ.get("KFP_RUN_ID", "")  # cached steps: from the pod's label (rlhf.pipeline.dag)
     if run_id:
         os.environ.setdefault("KFP_RUN_ID", run_id)
     if data_hash:
@@ -178,6 +206,7 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
     if metrics is not None:
         for k, v in numeric_metrics(result).items():
             metrics.log_metric(k, v)
+        _write_metrics_file(metrics, numeric_metrics(result))
     if html is not None:
         report = out_dir / "report.html"
         if report.exists():
@@ -202,6 +231,15 @@ def _profile_env(profile: str | None):
             os.environ.pop("RLHF_PROFILE", None)
         else:
             os.environ["RLHF_PROFILE"] = saved
+
+
+def _write_metrics_file(metrics: Any, values: dict[str, float]) -> None:
+    """The Metrics artifact's file too (KFP keeps the values in its metadata): an output whose file is
+    missing is a cache miss for kfp.local's cache, so a step with metrics would never hit it."""
+    path = getattr(metrics, "path", None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(values, sort_keys=True) + "\n")
 
 
 def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
@@ -232,7 +270,7 @@ def kfp_step(name: str, args: dict[str, Any]) -> str | None:
         run_component(name, inputs=_step_inputs(name, args, tmp), out=args[spec.output.name],
                       metrics=args.get("metrics"), html=args.get("report"), params_yaml=args["params_yaml"],
                       profile=args["profile"], overrides=args.get("overrides"),
-                      knobs={k: args[k] for k in KNOB_NAMES if k in args}, run_id=args["run_id"],
+                      knobs={k: args[k] for k in KNOB_NAMES if k in args}, run_id=args.get("run_id", ""),
                       data_hash=args.get("data_hash", ""), data_revision=args.get("data_revision", ""))
     return gate_decision(args[spec.output.name].path) if spec.returns_gate else None
 
@@ -240,6 +278,18 @@ def kfp_step(name: str, args: dict[str, Any]) -> str | None:
 #: the multi-node launcher components' own parameters (what :func:`kfp_job` hands to the job builder)
 LAUNCHER_PARAMETERS = ("num_nodes", "accelerator_type", "accelerator_limit", "cpu", "memory", "node_selector",
                        "tolerations", "image", "namespace", "job_kind", "scratch_url", "timeout_s")
+
+
+def _gpu_count(limit: str | int) -> int:
+    """The pipeline parameter ``accelerator_limit`` (a string, as the KFP driver wants it) as a number."""
+    try:
+        n = int(str(limit).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"accelerator_limit must be a whole number of GPUs, got {limit!r}",
+                          hint="pass it as a string, e.g. -p accelerator_limit=1")
+    return n
 
 
 def kfp_job(name: str, args: dict[str, Any]) -> None:
@@ -254,7 +304,8 @@ def kfp_job(name: str, args: dict[str, Any]) -> None:
         name, inputs={i.name: args[i.name] for i in spec.inputs}, out=args[spec.output.name],
         metrics=args.get("metrics"), params_yaml=args["params_yaml"], profile=args["profile"],
         overrides=run.overrides, run_id=args["run_id"], num_nodes=args["num_nodes"],
-        accelerator_type=args["accelerator_type"], gpus_per_node=args["accelerator_limit"], cpu=args["cpu"],
+        accelerator_type=args["accelerator_type"], gpus_per_node=_gpu_count(args["accelerator_limit"]),
+        cpu=args["cpu"],
         memory=args["memory"], node_selector=args["node_selector"], tolerations=args["tolerations"],
         image=args["image"], namespace=args["namespace"], kind=args["job_kind"], scratch_url=args["scratch_url"],
         timeout_s=args["timeout_s"])
