@@ -169,6 +169,13 @@ def models_champion_path_cmd(params: Path = PARAMS, name: str | None = MODEL_NAM
     typer.echo(str(path) if path else "")
 
 
+
+# ---------------------------------------------------------------------------- the human feedback loop
+
+from rlhf.feedback.commands import app as feedback_app  # noqa: E402
+
+app.add_typer(feedback_app, name="feedback")
+
 # ---------------------------------------------------------------------------- the pipeline (KFP)
 
 PIPELINE_PARAM = typer.Option([], "--param", "-p", help="pipeline parameter NAME=VALUE (repeatable), e.g. "

@@ -1,0 +1,4 @@
+"""The human feedback loop: labelling batches from the champion (batch), the labels database (store),
+the annotation app (app, pages), simulated annotators (simulate), export to a data version (export),
+agreement figures (agreement) and the sample -> label -> export -> retrain loop (loop).
+See docs/feedback.md."""
