@@ -154,7 +154,7 @@ def _load(alias: str, reg_cfg, model_cfg):
     mv = registry.champion_version(reg_cfg, alias=alias)
     if mv is None:
         raise UserError(f"{reg_cfg.model_name} has no '{alias}' version to sample from",
-                        hint="train and register a model first (rlhf run / rlhf retrain --local)")
+                        hint="train and register a model first: rlhf run, or rlhf retrain --local")
     path = registry.champion_dir(reg_cfg, alias=alias)
     model, tok = models.load_policy(path, model_cfg, for_training=False)
     return model, tok, int(mv.version)

@@ -68,7 +68,9 @@ def add_annotator_cmd(name: str = typer.Argument(..., help="annotator id (record
 
 
 @app.command("serve")
-def serve_cmd(batches: list[Path] = typer.Argument(..., help="batch directories to label"),
+def serve_cmd(batches: list[Path] = typer.Argument(None, help="batch directories to label"),
+              batches_dir: Path | None = typer.Option(None, "--batches-dir", help="also serve every batch in "
+                                                      "this directory (e.g. on the app's volume)"),
               host: str | None = typer.Option(None, "--host", help="bind address (default: feedback.host, "
                                               "127.0.0.1)"),
               port: int | None = typer.Option(None, "--port", help="port (default: feedback.port)"),
@@ -80,7 +82,12 @@ def serve_cmd(batches: list[Path] = typer.Argument(..., help="batch directories 
     fb = _run(params).section("feedback")
     if overlap:
         fb.overlap = overlap
-    loaded = _batches(batches)
+    paths = list(batches or [])
+    if batches_dir is not None:
+        if not batches_dir.is_dir():
+            raise UserError(f"batches directory not found: {batches_dir}")
+        paths += sorted(d for d in batches_dir.iterdir() if (d / "manifest.json").is_file())
+    loaded = _batches(paths)
     st = _store(params, store)
     h, p = host or fb.host, fb.port if port is None else port
     typer.echo(f"annotation app on http://{h}:{p}/ ({sum(len(b.items) for b in loaded)} items, overlap "

@@ -22,7 +22,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 72rem
 .choices button.current { background: #dde8ff; border-color: #3060c0; }
 kbd { border: 1px solid #aaa; border-bottom-width: 2px; border-radius: 3px; padding: 0 .3rem; font-size: .85rem; }
 .meta { color: #666; font-size: .9rem; }
-textarea { width: 100%; }
+textarea { width: 100%; box-sizing: border-box; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; }
 </style></head><body>
 {% block body %}{% endblock %}
