@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,35 +22,24 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from feedback_helpers import XSS, make_batch
 
 from rlhf.data import demo
-from rlhf.feedback.batch import write_batch
 from rlhf.feedback.simulate import free_port
 from rlhf.feedback.store import Store
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see .ci/run)")
+REQUIRE = os.environ.get("RLHF_REQUIRE_BROWSER") == "1"  # set by .ci/run where chromium could be installed
+try:
+    import playwright.sync_api as playwright_api
+except ImportError:
+    if REQUIRE:
+        raise
+    pytest.skip("pip install playwright (the dev extra; see .ci/run)", allow_module_level=True)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("no chromium binary (apt-get install -y chromium; see .ci/run)", allow_module_level=True)
-
-XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"> & "quotes"'
-
-
-def make_batch(root: Path, n: int, *, seed: int = 0, xss_item: int | None = None):
-    rng = random.Random(seed)
-    prompts = demo.all_prompts()
-    items = []
-    for i in range(n):
-        p = rng.choice(prompts)
-        t = demo.topic_of(p)
-        a, b = demo.make_response(rng, t, "wide"), demo.make_response(rng, t, "wide")
-        if i == xss_item:
-            a = XSS
-        items.append({"item_id": f"{i:04d}", "prompt": p, "response_a": a, "response_b": b,
-                      "source_a": {"version": 1, "seed": seed}, "source_b": {"version": 1, "seed": seed + 1}})
-    return write_batch(items, root, {"model_name": "test", "versions": {"a": 1, "b": 1},
-                                     "mode": "champion-two-samples", "generation": {"seed": seed}})
-
+    if REQUIRE:
+        raise RuntimeError("RLHF_REQUIRE_BROWSER=1 but no chromium binary on PATH")
+    pytest.skip("no chromium binary (apt-get install -y chromium; see .ci/chromium.sh)", allow_module_level=True)
 
 class Server:
     """`rlhf feedback serve` as a real process on a free loopback port."""

@@ -12,6 +12,14 @@ from rlhf.errors import UserError
 app = typer.Typer(no_args_is_help=True, help="The human feedback loop: sample pairs from the champion, people "
                   "label them, the labels become a new data version (docs/feedback.md).")
 
+@app.callback()
+def _quiet_downloads() -> None:
+    """The human feedback loop (docs/feedback.md)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in our output
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file (its feedback: section)")
 STORE = typer.Option(None, "--store", help="labels database (default: feedback.store)")
 
