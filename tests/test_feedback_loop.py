@@ -27,10 +27,11 @@ def test_two_rounds_make_two_data_versions_and_two_retrains_with_feedback_lineag
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     data_before = (root / "data.dvc").read_text()
 
-    res = run_cli("feedback", "loop", "--rounds", "2", "--local", "--n", "24", "--annotators", "3", cwd=root,
+    res = run_cli("feedback", "loop", "--rounds", "2", "--local", "--n", "24", "--annotators", "3", "--seed", "1", cwd=root,
                   env=env, timeout=2400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rounds = json.loads((root / "feedback" / "loop.json").read_text())
+    print(json.dumps(rounds, indent=1))  # the measured figures (pytest -s shows them)
     assert [r["round"] for r in rounds] == [1, 2]
     assert len({r["data_hash"] for r in rounds}) == 2 and (root / "data.dvc").read_text() != data_before
     assert all(r["started"] for r in rounds)  # both rounds retrained

@@ -106,8 +106,8 @@ def serve_cmd(batches: list[Path] = typer.Argument(None, help="batch directories
 @app.command("simulate")
 def simulate_cmd(batch: list[Path] = typer.Option(..., "--batch", help="batch directory (repeatable)"),
                  annotators: int = typer.Option(3, "--annotators", help="simulated annotators (1-5)"),
-                 url: str | None = typer.Option(None, "--url", help="a running app (default: start one on "
-                                                "127.0.0.1)"),
+                 url: str | None = typer.Option(None, "--url", help="a running app over the same --store "
+                                                "(default: start one on 127.0.0.1)"),
                  overlap: int | None = typer.Option(None, "--overlap", min=1, help="labels per item"),
                  seed: int = typer.Option(0, "--seed"), store: Path | None = STORE, params: Path = PARAMS):
     """Let the demo's Bradley-Terry gold annotators label the batch through the app's HTTP API."""
