@@ -133,3 +133,27 @@ def test_unknown_token_is_refused_by_the_app(tmp_path):
                                                           headers={"Authorization": "Bearer wrong"}))
         assert e.value.code == 401
         assert Path(tmp_path / "x.db").exists()
+
+
+def test_model_text_with_unicode_line_separators_round_trips(tmp_path):
+    """Model output can hold U+2028, U+0085, U+001C (str.splitlines breaks there): batch and export stay intact."""
+    from rlhf.config import PrepareConfig
+    from rlhf.data.prepare import load_split, prepare
+    from rlhf.feedback.batch import load_batch, write_batch
+    from rlhf.feedback.export import export
+
+    odd = "Start with the salt.\u2028Then heat\x85 it\x1c up\r\nGood luck!"
+    items = [{"item_id": f"{i}", "prompt": f"Any advice on cooking? {i}", "response_a": odd + str(i),
+              "response_b": f"Okay {i}.", "source_a": {}, "source_b": {}} for i in range(3)]
+    batch = load_batch(write_batch(items, tmp_path / "b", {"mode": "champion-two-samples"}).path)
+    assert [it["response_a"] for it in batch.items] == [it["response_a"] for it in items]
+    st = Store(tmp_path / "l.db")
+    st.add_annotator("ann")
+    st.add_batch(batch)
+    while (a := st.next_item("ann", [batch.batch_id], 1)) is not None:
+        st.put_label("ann", a["batch_id"], a["item_id"], "left", "", None)
+    export(st, batch, tmp_path / "raw" / "feedback")
+    prepare(tmp_path / "raw", tmp_path / "ds", PrepareConfig(eval_fraction=0.3))
+    texts = {t for s in ("train", "eval") for df in [load_split(tmp_path / "ds", "preferences", s)]
+             for t in list(df["chosen"]) + list(df["rejected"])}
+    assert {(odd + str(i)).replace("\r\n", "\n") for i in range(3)} <= texts  # (prepare normalises CRLF)

@@ -47,8 +47,10 @@ class Batch:
 
 
 def items_bytes(items: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps({k: it[k] for k in ITEM_FIELDS}, ensure_ascii=False, sort_keys=True) + "\n"
-                   for it in items).encode("utf-8")
+    """One ASCII JSON object per line: model text may hold U+2028, U+0085 and the like, which some
+    readers (``str.splitlines``) take for line breaks; escaped, every reader sees one row per line."""
+    return "".join(json.dumps({k: it[k] for k in ITEM_FIELDS}, ensure_ascii=True, sort_keys=True) + "\n"
+                   for it in items).encode("ascii")
 
 
 def batch_id_of(data: bytes) -> str:
@@ -98,7 +100,9 @@ def load_batch(path: str | Path) -> Batch:
         raise DataError(f"corrupt batch: {ITEMS} does not match its id {manifest['batch_id']} (changed after "
                         "sampling?)", where=str(ipath), hint="sample a new batch instead of editing one")
     items = []
-    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except ValueError as e:
@@ -116,7 +120,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise UserError(f"prompts file not found: {p}")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         if p.suffix.lower() in (".jsonl", ".json"):

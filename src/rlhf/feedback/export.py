@@ -97,7 +97,7 @@ def report_html(md: str) -> str:
 
 
 def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    return "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in rows)  # see items_bytes
 
 
 def export(store: Store, batch: Batch, export_dir: str | Path, *, overlap: int = 1,

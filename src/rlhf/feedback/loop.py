@@ -25,7 +25,7 @@ def feedback_lineage(export_dir: str | Path) -> dict[str, Any]:
     batches, labels = [], 0
     for f in sorted(Path(export_dir).glob("*.jsonl")):
         batches.append(f.stem)
-        labels += sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+        labels += sum(1 for line in f.read_text(encoding="utf-8").split("\n") if line.strip())
     return {"batches": batches, "labels": labels}
 
 
