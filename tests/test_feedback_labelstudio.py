@@ -193,7 +193,7 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
     batch_id = batch.name
     env = {"LABEL_STUDIO_API_KEY": ADMIN_TOKEN}
 
-    proc = run_cli("feedback-ls", "push", str(batch), "--url", server.url, "--overlap", "2", env=env)
+    proc = run_cli("feedback", "push", str(batch), "--url", server.url, "--overlap", "2", env=env)
     assert proc.returncode == 0, proc.stderr
     pid = int(re.search(r"project (\d+)", proc.stdout).group(1))
     assert "4 tasks imported" in proc.stdout
@@ -219,7 +219,7 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
         _annotate(second, by_item[item_id], second_label)
 
     out = tmp_path / "raw" / "feedback"
-    proc = run_cli("feedback-ls", "pull", str(pid), "--url", server.url, "--out", str(out), env=env)
+    proc = run_cli("feedback", "pull", str(pid), "--url", server.url, "--out", str(out), env=env)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.split("summary: ", 1)[1])["batches"][0]
     assert {k: summary[k] for k in ("tasks", "labels", "pairs", "a", "b", "tie", "both_bad", "skip", "empty")} \
@@ -236,13 +236,13 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written left
 
     # pulling again with the same labels is a no-op; other labels need --overwrite
-    proc = run_cli("feedback-ls", "pull", batch_id, "--url", server.url, "--out", str(out), env=env)
+    proc = run_cli("feedback", "pull", batch_id, "--url", server.url, "--out", str(out), env=env)
     assert proc.returncode == 0 and "(unchanged)" in proc.stdout, proc.stdout + proc.stderr
     path.write_text(path.read_text().splitlines()[0] + "\n")
-    proc = run_cli("feedback-ls", "pull", str(pid), "--url", server.url, "--out", str(out), env=env)
+    proc = run_cli("feedback", "pull", str(pid), "--url", server.url, "--out", str(out), env=env)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert len(path.read_text().splitlines()) == 1  # refused: left as it was
-    assert run_cli("feedback-ls", "pull", str(pid), "--url", server.url, "--out", str(out), "--overwrite",
+    assert run_cli("feedback", "pull", str(pid), "--url", server.url, "--out", str(out), "--overwrite",
                    env=env).returncode == 0
     assert len(path.read_text().splitlines()) == 5
 
@@ -289,10 +289,10 @@ def test_user_mistakes_are_one_line(server, tmp_path):
     ]
     env = {"LABEL_STUDIO_API_KEY": ""}
     for args, what in cases:
-        proc = run_cli("feedback-ls", *args, env=env)
+        proc = run_cli("feedback", *args, env=env)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert what in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = run_cli("feedback-ls", "push", str(batch), "--url", server.url, "--overlap", "2", env=env)
+    proc = run_cli("feedback", "push", str(batch), "--url", server.url, "--overlap", "2", env=env)
     assert proc.returncode == 2 and "no Label Studio API token" in proc.stderr
 
 
@@ -328,5 +328,5 @@ def test_malformed_export_is_one_line(task, what, tmp_path):
 def test_malformed_batch_is_one_line(tmp_path):
     batch = make_batch(tmp_path)
     (batch / "items.jsonl").write_text((batch / "items.jsonl").read_text() + '{"item_id": "x"}\n')
-    proc = run_cli("feedback-ls", "push", str(batch), "--url", "http://127.0.0.1:9", "--token", "t")
+    proc = run_cli("feedback", "push", str(batch), "--url", "http://127.0.0.1:9", "--token", "t")
     assert proc.returncode == 2 and f"{batch / 'items.jsonl'}:5: missing required field 'prompt'" in proc.stderr

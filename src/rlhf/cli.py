@@ -206,6 +206,13 @@ def models_champion_path_cmd(params: Path | None = STAGE_PARAMS, name: str | Non
     typer.echo(str(path) if path else "")
 
 
+
+# ---------------------------------------------------------------------------- the human feedback loop
+
+from rlhf.feedback.commands import app as feedback_app  # noqa: E402
+
+app.add_typer(feedback_app, name="feedback")
+
 # ---------------------------------------------------------------------------- the pipeline (KFP)
 
 PIPELINE_PARAM = typer.Option([], "--param", "-p", help="pipeline parameter NAME=VALUE (repeatable), e.g. "
@@ -400,12 +407,6 @@ def retrain_cmd(
         submit_options={"pipeline_file": pipeline_file, "image": image, "gpu_image": gpu_image,
                         "experiment": experiment, "run_name": run_name, "service_account": service_account,
                         "namespace": namespace, "wait": wait, "poll": poll, "timeout": timeout})
-
-
-# Label Studio interop for the feedback loop (to move under `rlhf feedback push/pull --label-studio`)
-from rlhf.feedback.labelstudio_cli import labelstudio_app  # noqa: E402
-
-app.add_typer(labelstudio_app, name="feedback-ls")
 
 
 TORCH_STAGES = {s.name for s in STAGES if s.gpu}  # the commands that compute with torch

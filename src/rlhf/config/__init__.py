@@ -4,6 +4,7 @@ params.yaml + profile + overrides + pipeline knobs into them (:mod:`rlhf.config.
 from rlhf.config.resolve import RunConfig, active_profile, build, load_stage, load_yaml
 from rlhf.config.schema import (
     EvaluateConfig,
+    FeedbackConfig,
     ModelConfig,
     PPOConfig,
     PrepareConfig,
@@ -16,5 +17,5 @@ from rlhf.config.schema import (
 )
 
 __all__ = ["StageConfig", "PrepareConfig", "ValidateConfig", "ModelConfig", "TrainConfig", "SFTConfig",
-           "RewardConfig", "EvaluateConfig", "PPOConfig", "RegisterConfig", "RunConfig", "load_stage", "build",
+           "RewardConfig", "EvaluateConfig", "PPOConfig", "RegisterConfig", "FeedbackConfig", "RunConfig", "load_stage", "build",
            "load_yaml", "active_profile"]

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from rlhf.config.schema import (
     EvaluateConfig,
+    FeedbackConfig,
     ModelConfig,
     PPOConfig,
     PrepareConfig,
@@ -52,6 +53,7 @@ C = TypeVar("C", bound=StageConfig)
 SECTIONS: dict[str, type[StageConfig]] = {
     "prepare": PrepareConfig, "validate": ValidateConfig, "model": ModelConfig, "sft": SFTConfig,
     "reward": RewardConfig, "ppo": PPOConfig, "evaluate": EvaluateConfig, "register": RegisterConfig,
+    "feedback": FeedbackConfig,  # not a pipeline stage: `rlhf feedback` only
 }
 #: sections in the fingerprint: everything that shapes the trained and gated model. ``register`` is
 #: left out: names, promotion rules and ``rlhf models generate`` defaults.

@@ -208,5 +208,25 @@ class RegisterConfig(StageConfig):
     seed: int = 0
 
 
+class FeedbackConfig(StageConfig):
+    """The human feedback loop (``rlhf feedback``): labelling batches, the annotation app, export.
+
+    Not a pipeline stage: nothing here is in the configuration fingerprint."""
+
+    n_prompts: int = Field(32, ge=1, description="`rlhf feedback sample`: prompts per batch")
+    max_new_tokens: int = Field(40, ge=1, description="response budget in tokens when sampling a batch")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature when sampling a batch")
+    seed: int = Field(0, description="seed of the prompt draw and of the two samples (seed, seed + 1)")
+    batches_dir: str = Field("feedback/batches", description="where `rlhf feedback sample` writes batches")
+    store: str = Field("feedback/labels.db", description="the labels database (SQLite, WAL mode)")
+    export_dir: str = Field("data/raw/feedback", description="where `rlhf feedback export` writes preference rows")
+    host: str = Field("127.0.0.1", description="address the app binds to (0.0.0.0 only behind a proxy/NetworkPolicy)")
+    port: int = Field(8008, ge=0, le=65535, description="port of the annotation app")
+    overlap: int = Field(1, ge=1, le=10, description="labels per item (k > 1: k different annotators, for agreement)")
+    max_body_bytes: int = Field(16384, ge=1024, description="largest request body the app accepts")
+    max_reason_chars: int = Field(1000, ge=0, description="longest optional reason kept with a label")
+    cookie_secure: bool = Field(False, description="mark the session cookie Secure (serve behind HTTPS)")
+
+
 __all__ = ["StageConfig", "PrepareConfig", "ValidateConfig", "ModelConfig", "TrainConfig", "SFTConfig",
-           "RewardConfig", "EvaluateConfig", "PPOConfig", "RegisterConfig"]
+           "RewardConfig", "EvaluateConfig", "PPOConfig", "RegisterConfig", "FeedbackConfig"]

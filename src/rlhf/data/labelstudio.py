@@ -68,7 +68,7 @@ def task_texts(task: dict, where: str) -> dict[str, str]:
         if not isinstance(v, str):
             got = "missing" if key not in data else f"not text ({type(v).__name__})"
             raise DataError(f"Label Studio task field 'data.{key}' is {got}", where=where,
-                            hint="expected a task pushed by `rlhf feedback-ls push` (data: prompt, answer1, answer2)")
+                            hint="expected a task pushed by `rlhf feedback push` (data: prompt, answer1, answer2)")
         out[key] = v
     return out
 

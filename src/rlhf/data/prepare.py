@@ -13,7 +13,7 @@ Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files, gzi
 * Anthropic HH-RLHF transcripts: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}``: split into the shared prompt and the two final assistant
   replies; multi-turn history stays in the prompt;
-* a Label Studio JSON export of a pairwise project pushed by ``rlhf feedback-ls push`` (a list of
+* a Label Studio JSON export of a pairwise project pushed by ``rlhf feedback push`` (a list of
   tasks with ``data`` and ``annotations``): each a/b annotation is a preference pair with its
   annotator; ties, both-bad and skips give no pair (see :mod:`rlhf.data.labelstudio`).
 

@@ -316,7 +316,7 @@ def pull(project: str | int, url: str, token: str | None, out: str | Path = "dat
         bid = t.get("data", {}).get("batch_id") if isinstance(t.get("data"), dict) else None
         if not isinstance(bid, str) or not bid or "/" in bid:
             raise DataError(f"task {t.get('id')} has no valid data.batch_id", where=f"project {pid}",
-                            hint="pull reads projects made by `rlhf feedback-ls push`")
+                            hint="pull reads projects made by `rlhf feedback push`")
         by_batch.setdefault(bid, []).append(t)
     if not by_batch:
         raise UserError(f"Label Studio project {pid} has no tasks", hint="push a batch to it first")

@@ -1,4 +1,4 @@
-"""`rlhf feedback-ls push|pull`: a labelling batch to a Label Studio project and its labels back."""
+"""`rlhf feedback push|pull --label-studio URL`: a labelling batch to a Label Studio project and its labels back."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ from pathlib import Path
 
 import typer
 
-labelstudio_app = typer.Typer(no_args_is_help=True,
-                              help="Label Studio: push a labelling batch as a project, pull its labels back.")
-
 URL = typer.Option(..., "--url", "--label-studio", help="Label Studio base URL, e.g. http://127.0.0.1:8080")
 TOKEN = typer.Option(None, "--token", help="API token (legacy token); default: $LABEL_STUDIO_API_KEY",
                      show_default=False)
 
 
-@labelstudio_app.command("push")
 def push_cmd(batch: Path = typer.Argument(..., help="batch directory (manifest.json + items.jsonl)"),
              url: str = URL, token: str | None = TOKEN,
              title: str | None = typer.Option(None, "--title", help="project title (default: rlhf feedback <batch id>)"),
@@ -29,7 +25,6 @@ def push_cmd(batch: Path = typer.Argument(..., help="batch directory (manifest.j
                f"{res['already_there']} already there; open {url.rstrip('/')}/projects/{res['project_id']}")
 
 
-@labelstudio_app.command("pull")
 def pull_cmd(project: str = typer.Argument(..., help="project id (or the batch id / title of a pushed project)"),
              url: str = URL, token: str | None = TOKEN,
              out: Path = typer.Option(Path("data/raw/feedback"), "--out", help="directory for <batch>.labelstudio.jsonl"),

@@ -659,6 +659,22 @@ def champion_dir(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION) ->
     return out
 
 
+FEEDBACK_LABELS_TAG = "feedback_labels"
+FEEDBACK_BATCHES_TAG = "feedback_batches"
+
+
+def tag_feedback(cfg: RegisterConfig | None = None, *, data_hash: str, labels: int, batches: list[str]) -> list[int]:
+    """Record on every version trained on ``data_hash`` how many human labels (and which batches) it saw."""
+    cfg = cfg or RegisterConfig()
+    client = _connect()
+    versions = _versions(client, cfg.model_name, data_hash=data_hash)
+    for mv in versions:
+        client.set_model_version_tag(cfg.model_name, str(mv.version), FEEDBACK_LABELS_TAG, str(labels))
+        client.set_model_version_tag(cfg.model_name, str(mv.version), FEEDBACK_BATCHES_TAG,
+                                     _tag(json.dumps(batches)))
+    return sorted(int(mv.version) for mv in versions)
+
+
 # ----------------------------------------------------------------------------- rlhf models ...
 
 
@@ -685,6 +701,8 @@ def list_versions(cfg: RegisterConfig | None = None) -> list[dict[str, Any]]:
             "promoted_at": t.get("promoted_at"),
             "promotion_reason": t.get("promotion_reason"),
             "not_promoted_reason": t.get("not_promoted_reason"),
+            "feedback_labels": t.get(FEEDBACK_LABELS_TAG),
+            "feedback_batches": t.get(FEEDBACK_BATCHES_TAG),
         })
     return rows
 
@@ -696,13 +714,13 @@ def format_versions(rows: list[dict[str, Any]], cfg: RegisterConfig | None = Non
     short = {"policy_gold_mean": "gold", "policy_rm_mean": "rm", "kl_to_baseline": "kl",
              "win_rate_gold_vs_baseline": "win_gold"}
     head = ["version", "aliases", "created (UTC)", "gate"] + [short.get(k, k) for k in cfg.key_metrics] + \
-        ["data_hash", "pipeline_run"]
+        ["data_hash", "human", "pipeline_run"]
     table = [head]
     for r in rows:
         table.append([str(r["version"]), ",".join(r["aliases"]) or "-", r["created"],
                       {"true": "passed", "false": "failed"}.get(r["gate_passed"] or "", "-")]
                      + [_fmt(r["metrics"].get(k)) for k in cfg.key_metrics]
-                     + [_data_column(r), (r["pipeline_run_id"] or "-")[:36]])
+                     + [_data_column(r), _feedback_column(r), (r["pipeline_run_id"] or "-")[:36]])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [f"{cfg.model_name} at {tracking.display_uri()}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
@@ -714,6 +732,17 @@ def _data_column(row: dict[str, Any]) -> str:
     if row.get("data_hash"):
         return row["data_hash"][:12]
     return f"dataset:{row['dataset_hash'][:8]}" if row.get("dataset_hash") else "-"
+
+
+def _feedback_column(row: dict[str, Any]) -> str:
+    """Human labels the version was trained on and from how many batches (``-``: none recorded)."""
+    if not row.get("feedback_labels"):
+        return "-"
+    try:
+        n = len(json.loads(row.get("feedback_batches") or "[]"))
+    except ValueError:
+        n = 0
+    return f"{row['feedback_labels']} ({n} batch{'es' if n != 1 else ''})"
 
 
 def _fmt(v: str | None) -> str:
@@ -812,4 +841,4 @@ def generate(prompt: str, cfg: RegisterConfig | None = None, *, alias: str = CHA
 
 
 __all__ = ["register", "champion_dir", "champion_version", "promotion_decision", "list_versions", "format_versions",
-           "promote", "rollback", "generate", "load_components", "CHAMPION", "CHALLENGER"]
+           "promote", "rollback", "generate", "load_components", "tag_feedback", "CHAMPION", "CHALLENGER"]
