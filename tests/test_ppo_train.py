@@ -13,7 +13,7 @@ from rlhf.config import ModelConfig, PPOConfig
 from rlhf.data.prepare import load_split
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
-from rlhf.ppo import distributed as D
+from rlhf.train import distributed as D
 from rlhf.ppo import loss as L
 from rlhf.ppo import train_ppo
 from rlhf.ppo.rollout import (

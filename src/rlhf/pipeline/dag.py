@@ -169,8 +169,10 @@ def _common(task, s: Stage, *, retries: bool) -> None:
         task.set_cpu_request(cpu).set_memory_request(mem)
 
 
-def _gpu(task, p) -> None:
-    task.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.accelerator_limit)
+def _gpu(task, p, limit=None) -> None:
+    """GPU settings; a training step runs one process per GPU it gets (``steps.processes``)."""
+    task.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.accelerator_limit if limit is None
+                                                                       else limit)
     task.set_cpu_request(p.train_cpu).set_memory_request(p.train_memory).set_memory_limit(p.train_memory)
     kubernetes.add_node_selector_json(task, p.gpu_node_selector)
     kubernetes.add_toleration_json(task, p.gpu_tolerations)
@@ -226,7 +228,7 @@ def _dag(c: Components, p, *, retries: bool) -> None:
     # evaluation and the gate, then registration only if the gate passed
     ev = c.evaluate(**_args("evaluate", p, dataset=dataset, policy=policy, baseline=sft_model,
                             reward_model=reward_model, compare_champion=p.compare_champion))
-    _gpu(ev, p)
+    _gpu(ev, p, limit=1)  # evaluation runs one process: more GPUs would sit idle
     with dsl.If(ev.outputs["Output"] == "passed", name="gate-passed"):
         reg = c.register(**_args("register", p, policy=policy, reward_model=reward_model,
                                  evaluation=ev.outputs["evaluation"], data_hash=p.data_hash,

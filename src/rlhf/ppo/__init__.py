@@ -2,7 +2,7 @@
 
 Read in this order: :mod:`rlhf.ppo.loss` (the maths), :mod:`rlhf.ppo.rollout` (collecting and
 scoring experience), :mod:`rlhf.ppo.trainer` (the loop), :mod:`rlhf.ppo.metrics` (what a run
-reports), :mod:`rlhf.ppo.checkpoint` (save/resume), :mod:`rlhf.ppo.distributed` (torchrun/DDP).
+reports), :mod:`rlhf.ppo.checkpoint` (save/resume), :mod:`rlhf.train.distributed` (torchrun/DDP, shared with SFT and reward).
 
 Where each item of docs/ppo.md is decided (defaults in :class:`rlhf.config.PPOConfig`):
 
