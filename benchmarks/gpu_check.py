@@ -166,8 +166,9 @@ class Check:
         return p
 
     def run(self, name: str, cmd: list[str], budget_s: float, env_extra: dict | None = None) -> dict:
-        limit = max(10.0, min(budget_s, self.left() - 5))
-        env = {**os.environ, "RLHF_TRACKING": "off", "RLHF_PROFILE": "none", "PYTHONUNBUFFERED": "1",
+        # per-stage budgets on a GPU; the dry run (CPU, often a shared machine) just uses what is left
+        limit = max(10.0, self.left() - 5 if self.dry else min(budget_s, self.left() - 5))
+        env = {**os.environ, "RLHF_TRACKING": "off", "RLHF_PROFILE": "", "PYTHONUNBUFFERED": "1",
                **(env_extra or {})}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         print(f"[gpu-check] {name}: {' '.join(cmd)} (limit {limit:.0f}s)", flush=True)

@@ -230,7 +230,7 @@ def run_torchrun(name: str, inputs: dict[str, Any], out: Path, run: RunConfig, n
                             ["--standalone", f"--nproc-per-node={nproc}"])
         cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
         log.info("[%s] %d processes: %s", name, nproc, " ".join(cmd))
-        env = {**os.environ, "RLHF_PROFILE": "none"}  # the written params.yaml has the profile applied
+        env = {**os.environ, "RLHF_PROFILE": ""}  # the written params.yaml has the profile applied
         rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise RuntimeError(f"stage {name}: torchrun with {nproc} processes exited with code {rc}")

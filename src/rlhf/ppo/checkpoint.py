@@ -319,7 +319,7 @@ class RunCheckpoints:
         if decision["path"] is None:
             return 0, []
         path = Path(decision["path"])
-        problem = validate(path)
+        problem = None if self.info.is_main else validate(path)  # rank 0 validated it in decide()
         if problem:  # rank 0 saw it whole; this rank does not (storage that ranks see differently)
             raise RuntimeError(f"rank {self.info.rank} cannot read checkpoint {path} that rank 0 resumes from: "
                                f"{problem}")
