@@ -44,7 +44,9 @@ def _torchrun(args: list[str], logs: Path, env: dict) -> subprocess.CompletedPro
     return r
 
 
-def _assert_same_weights(a: Path, b: Path, tol: float = 2e-5) -> None:
+def _assert_same_weights(a: Path, b: Path, tol: float = 2e-4) -> None:
+    """Equal within float tolerance: reduction order differs, and AdamW (eps 1e-8) amplifies the rounding
+    of near-zero gradients; a per-step update here is ~lr = 3e-3."""
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert set(wa) == set(wb)
     worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)

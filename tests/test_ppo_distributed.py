@@ -99,14 +99,21 @@ def test_two_ranks_resume_after_sigkill_and_end_where_an_uninterrupted_run_ends(
 
     out, ckpts = tmp_path / "killed", tmp_path / "killed.checkpoints"
     proc = subprocess.Popen(cmd(out, tmp_path / "logs-1"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (ckpts / "step-000002" / "COMPLETE").exists():
         assert proc.poll() is None, "the run ended before its second checkpoint"
         assert time.monotonic() < deadline, "no checkpoint after 600 s"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once, as a node loss would
+    # torchrun and both ranks at once, as a node loss would (torchrun starts each rank in its own session,
+    # so the ranks are found as its child processes, not through its process group)
+    ranks = _children(proc.pid)
+    assert len(ranks) >= 2, ranks
+    for pid in [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    for pid in ranks:
+        _wait_gone(pid)
     assert not out.exists()
 
     logs = tmp_path / "logs-2"
@@ -118,3 +125,22 @@ def test_two_ranks_resume_after_sigkill_and_end_where_an_uninterrupted_run_ends(
     assert "resuming from" in rank_logs["0"]
     assert sha256_file(ref / "model.safetensors") == sha256_file(out / "model.safetensors")
     assert sha256_file(ref / "critic" / "model.safetensors") == sha256_file(out / "critic" / "model.safetensors")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _wait_gone(pid: int, timeout_s: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists():
+        stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+        if ") Z " in stat:  # a zombie: dead, waiting for its (killed) parent's reaper
+            return
+        assert time.monotonic() < deadline, f"rank process {pid} still alive"
+        time.sleep(0.05)

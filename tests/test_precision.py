@@ -121,18 +121,23 @@ def test_fp16_scaler_unscales_before_clipping_and_skips_overflowed_steps():
     layer = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
     prec = P.Precision.for_device("cpu", torch.float16)
-    before = layer.weight.detach().clone()
-    layer.weight.grad = torch.full_like(layer.weight, float("inf"))  # an overflowed fp16 gradient
-    layer.bias.grad = torch.zeros_like(layer.bias)
-    prec.unscale(opt)
-    prec.step(opt)
-    assert torch.equal(layer.weight, before)  # the step was skipped, the weights are not poisoned
     with prec.autocast():
         out = layer(torch.ones(2, 4))
     assert out.dtype == torch.float16
+    prec.backward(out.float().sum() * 0.01)  # small enough that the scaled fp16 gradient does not overflow
+    assert prec.scaler.get_scale() > 1.0
+    prec.unscale(opt)  # the loss was scaled, the gradients come back at their true scale
+    assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 0.02), rtol=1e-3)
+    prec.step(opt)
     opt.zero_grad()
+
+    before = layer.weight.detach().clone()
+    with prec.autocast():
+        out = layer(torch.ones(2, 4))
     prec.backward(out.float().sum())
+    layer.weight.grad.fill_(float("inf"))  # an overflowed fp16 gradient
     scale = prec.scaler.get_scale()
-    assert scale > 1.0  # the loss was scaled ...
     prec.unscale(opt)
-    assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 2.0), atol=1e-2)  # ... and unscaled
+    prec.step(opt)
+    assert torch.equal(layer.weight, before)  # the step was skipped: the weights are not poisoned
+    assert prec.scaler.get_scale() < scale  # and the scale backed off
