@@ -81,8 +81,9 @@ def test_gpu_tasks_request_accelerators_from_parameters(compiled):
     for comp in GPU_TASKS:
         res = executor(spec, comp)["resources"]
         assert res["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
-        assert res["accelerator"]["resourceCount"] == \
-            "{{$.inputs.parameters['pipelinechannel--accelerator_limit']}}"
+        # training steps: the parameter (and as many torchrun processes); evaluation runs one process on one GPU
+        assert res["accelerator"]["resourceCount"] == ("1" if comp == "evaluate" else
+                                                       "{{$.inputs.parameters['pipelinechannel--accelerator_limit']}}")
         assert "train_memory" in res["resourceMemoryRequest"] and "train_cpu" in res["resourceCpuRequest"]
     for comp in ("prepare", "validate", "register", "sft-multinode", "ppo-multinode"):
         res = executor(spec, comp).get("resources", {})

@@ -86,3 +86,26 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted(dataset, sf
     assert sha256_file(ref_out / "model.safetensors") == sha256_file(out / "model.safetensors")
     assert sha256_file(ref_out / "critic" / "model.safetensors") == sha256_file(out / "critic" / "model.safetensors")
     assert not ckpts.exists()  # cleaned up after success
+
+
+def test_checkpoints_of_another_run_are_kept_unless_replacing_is_asked(tmp_path):
+    """A changed fingerprint (config, inputs, GPU count) stops the run with one line and keeps the old
+    checkpoints; with ppo.replace_stale_checkpoints they are deleted and the run starts over."""
+    import pytest
+    import torch
+
+    from rlhf.config import PPOConfig
+    from rlhf.errors import ConfigError
+    from rlhf.ppo import checkpoint as ckpt
+    from rlhf.train.distributed import DistInfo
+
+    root = tmp_path / "ckpts"
+    ckpt.save(root, 3, weights={"policy": {"w": torch.zeros(1)}, "critic": {"w": torch.zeros(1)}},
+              trainer={"optimizer": {}, "scheduler": {}}, state={"fingerprint": "old-run", "history": []})
+    with pytest.raises(ConfigError, match="another run") as e:
+        ckpt.RunCheckpoints(root, "new-run", PPOConfig(), DistInfo()).resume(None, None, None, None, None)
+    assert "replace_stale_checkpoints" in e.value.one_line()
+    assert (root / "step-000003" / "COMPLETE").exists()
+    cfg = PPOConfig(replace_stale_checkpoints=True)
+    assert ckpt.RunCheckpoints(root, "new-run", cfg, DistInfo()).resume(None, None, None, None, None) == (0, [])
+    assert not (root / "step-000003").exists()

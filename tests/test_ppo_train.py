@@ -13,7 +13,6 @@ from rlhf.config import ModelConfig, PPOConfig
 from rlhf.data.prepare import load_split
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
-from rlhf.ppo import distributed as D
 from rlhf.ppo import loss as L
 from rlhf.ppo import train_ppo
 from rlhf.ppo.rollout import (
@@ -26,6 +25,7 @@ from rlhf.ppo.rollout import (
     score_rollout,
 )
 from rlhf.ppo.trainer import critic_values, load_models, model_inputs, policy_outputs, ppo_update
+from rlhf.train import distributed as D
 from rlhf.train import models
 
 os.environ["RLHF_TRACKING"] = "off"

@@ -259,10 +259,9 @@ class RunConfig:
     @classmethod
     def from_data(cls, data: dict[str, Any], *, source: str, profile: str | None = None,
                   overrides: dict | None = None, knobs: dict[str, Any] | None = None) -> RunConfig:
-        if profile and profile.lower() in NO_PROFILE:
+        chosen = profile or active_profile(data) or None
+        if chosen and chosen.lower() in NO_PROFILE:  # --profile none, RLHF_PROFILE=none: the base sections
             chosen = None
-        else:
-            chosen = profile or active_profile(data) or None
         known = data.get("profiles") or {}
         if chosen and chosen not in known:
             raise ConfigError(f"unknown profile '{chosen}'", where=source,

@@ -169,6 +169,9 @@ class PPOConfig(StageConfig):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
     resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
+    replace_stale_checkpoints: bool = Field(
+        False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
+                           "checkpoint directory; false: stop with an error and keep them")
     log_every: int = Field(1, ge=1, description="progress line every N steps")
     seed: int = 0
 

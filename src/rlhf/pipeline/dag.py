@@ -208,8 +208,10 @@ def _common(task, s: Stage, *, retries: bool) -> None:
         task.set_cpu_request(cpu).set_memory_request(mem)
 
 
-def _gpu(task, p, device: str | None) -> None:
-    task.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.accelerator_limit)
+def _gpu(task, p, device: str | None, limit: str | None = None) -> None:
+    """GPU settings; a training step runs one process per GPU it gets (``steps.processes``)."""
+    task.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.accelerator_limit if limit is None
+                                                                       else limit)
     if device:
         task.set_env_variable("RLHF_DEVICE", device)
     task.set_cpu_request(p.train_cpu).set_memory_request(p.train_memory).set_memory_limit(p.train_memory)
@@ -293,7 +295,7 @@ def _body(c: Components, p, *, retries: bool, gpu_device: str | None, record_ima
     # evaluation and the gate, then registration only if the gate passed
     ev = c.evaluate(**_args("evaluate", p, dataset=dataset, policy=policy, baseline=sft_model,
                             reward_model=reward_model, compare_champion=p.compare_champion))
-    _gpu(ev, p, gpu_device)
+    _gpu(ev, p, gpu_device, limit="1")  # evaluation runs one process: more GPUs would sit idle
     # registered either way (the registry is the audit trail); only the passed branch may move champion,
     # and the registry checks the gate again (rlhf.mlops.registry.promotion_decision)
     reg_args = _args("register", p, policy=policy, reward_model=reward_model, evaluation=ev.outputs["evaluation"],

@@ -30,7 +30,7 @@ from rlhf.io import check_output
 from rlhf.pipeline.stages import CHAMPION, STAGE_NAMES, STAGES, TRAINING_STAGES, stage
 from rlhf.redact import install_log_redaction
 
-__all__ = ["run_stage", "run_component", "kfp_step", "kfp_job", "register", "fetch_champion", "gate_decision",
+__all__ = ["run_stage", "run_component", "run_torchrun", "processes", "visible_gpus", "kfp_step", "kfp_job", "register", "fetch_champion", "gate_decision",
            "parent_run", "numeric_metrics", "setup_logging", "STAGES", "STAGE_NAMES", "TRAINING_STAGES",
            "CHAMPION", "stage"]
 
@@ -179,11 +179,13 @@ def check_device(name: str) -> dict[str, dict[str, Any]]:
 def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: str, profile: str = "",
                   overrides: dict[str, dict[str, Any]] | None = None, knobs: dict[str, Any] | None = None,
                   metrics: Any = None, html: Any = None, run_id: str = "", data_hash: str = "",
-                  data_revision: str = "") -> dict[str, Any]:
+                  data_revision: str = "", gpus: str | int = 1) -> dict[str, Any]:
     """One stage inside a pipeline step: KFP artifacts (or paths) in, :func:`run_stage`, artifacts out.
 
     ``inputs`` maps input names to KFP input artifacts (anything with ``.path``), plain paths, or
     None; ``out`` is the output artifact; ``metrics`` / ``html`` the optional Metrics / HTML outputs.
+    ``gpus``: the step's GPU limit; a training stage with more than one runs as
+    ``torchrun --standalone --nproc-per-node <gpus>`` inside the pod (:func:`run_torchrun`).
     """
     setup_logging()
     device = check_device(name)
@@ -199,9 +201,13 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
     paths = {k: (getattr(v, "path", v) if v is not None else None) for k, v in inputs.items()}
     out_dir = Path(getattr(out, "path", out))
     target = out_dir / spec.output.file if spec.output.file else out_dir
+    nproc = processes(name, gpus)
     with parent_run(run_id), _profile_env(run.profile):
-        result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
-                           data_revision=data_revision)
+        if nproc > 1:
+            result = run_torchrun(name, paths, target, run, nproc)
+        else:
+            result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
+                               data_revision=data_revision)
     _tag_artifact(out, out_dir)
     if metrics is not None:
         for k, v in numeric_metrics(result).items():
@@ -242,6 +248,50 @@ def _write_metrics_file(metrics: Any, values: dict[str, float]) -> None:
         Path(path).write_text(json.dumps(values, sort_keys=True) + "\n")
 
 
+def processes(name: str, gpus: str | int | None) -> int:
+    """How many processes a step of stage ``name`` runs: one per GPU for the training stages (sft, reward,
+    ppo), one for the others and inside a process that torchrun already started."""
+    text = str(gpus if gpus not in (None, "") else 1).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"GPU count {gpus!r} of step {name} is not a positive whole number",
+                          where="pipeline parameter accelerator_limit", hint="e.g. 1 or 8")
+    n = int(text)
+    if name not in TRAINING_STAGES or "LOCAL_RANK" in os.environ:
+        return 1
+    return n
+
+
+def visible_gpus() -> int:
+    """The GPUs this pod was given: its accelerator limit (the device plugin exposes exactly those), so the
+    one pipeline value ``accelerator_limit`` sets both the GPU request and the torchrun process count."""
+    try:
+        import torch
+    except ImportError:
+        return 1
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def run_torchrun(name: str, inputs: dict[str, Any], out: Path, run: RunConfig, nproc: int) -> dict[str, Any]:
+    """Stage ``name`` as ``torchrun --standalone --nproc-per-node <nproc> -m rlhf.cli <stage> ...`` on this
+    node (every rank runs the stage; rank 0 writes ``out``), with the step's resolved config. Its metrics."""
+    import subprocess
+
+    from rlhf.io import read_manifest
+    from rlhf.pipeline.jobs import torchrun_args
+
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-config-") as cfg_dir:
+        params = run.write(cfg_dir)
+        cmd = torchrun_args(name, {k: str(v) for k, v in inputs.items()}, str(out), str(params),
+                            ["--standalone", f"--nproc-per-node={nproc}"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+        log.info("[%s] %d processes: %s", name, nproc, " ".join(cmd))
+        env = {**os.environ, "RLHF_PROFILE": ""}  # the written params.yaml has the profile applied
+        rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise RuntimeError(f"stage {name}: torchrun with {nproc} processes exited with code {rc}")
+    return read_manifest(out)["metrics"]
+
+
 def _step_inputs(name: str, args: dict[str, Any], tmp: str) -> dict[str, Any]:
     """A generated component's arguments -> the stage's inputs (raw data fetched, champion resolved)."""
     inputs: dict[str, Any] = {}
@@ -271,7 +321,8 @@ def kfp_step(name: str, args: dict[str, Any]) -> str | None:
                       metrics=args.get("metrics"), html=args.get("report"), params_yaml=args["params_yaml"],
                       profile=args["profile"], overrides=args.get("overrides"),
                       knobs={k: args[k] for k in KNOB_NAMES if k in args}, run_id=args.get("run_id", ""),
-                      data_hash=args.get("data_hash", ""), data_revision=args.get("data_revision", ""))
+                      data_hash=args.get("data_hash", ""), data_revision=args.get("data_revision", ""),
+                      gpus=visible_gpus() if spec.gpu else 1)
     return gate_decision(args[spec.output.name].path) if spec.returns_gate else None
 
 

@@ -2,7 +2,7 @@
 
 Read in this order: :mod:`rlhf.ppo.loss` (the maths), :mod:`rlhf.ppo.rollout` (collecting and
 scoring experience), :mod:`rlhf.ppo.trainer` (the loop), :mod:`rlhf.ppo.metrics` (what a run
-reports), :mod:`rlhf.ppo.checkpoint` (save/resume), :mod:`rlhf.ppo.distributed` (torchrun/DDP).
+reports), :mod:`rlhf.ppo.checkpoint` (save/resume), :mod:`rlhf.train.distributed` (torchrun/DDP, shared with SFT and reward).
 
 Where each item of docs/ppo.md is decided (defaults in :class:`rlhf.config.PPOConfig`):
 
@@ -33,11 +33,11 @@ Where each item of docs/ppo.md is decided (defaults in :class:`rlhf.config.PPOCo
  23  AdamW eps, lr schedule, clipping per model: ``trainer.make_optimizer``, ``trainer.optimizer_step``
  24  per-rank seeds, batch arithmetic: ``trainer._train``, ``PPOConfig._batch_arithmetic``
  25  per-step metrics: :mod:`rlhf.ppo.metrics`
- 26  collectives on the rank's device: :mod:`rlhf.ppo.distributed` (not yet everywhere)
- 27  precision: ``models.pick_dtype`` (not yet: pure bf16 weights on CUDA)
- 28  explicit generation config: ``generation.sample`` (not yet: the rest is inherited)
- 29  resume decided once: ``checkpoint.RunCheckpoints.resume`` (not yet: decided per rank)
- 30  DDP gradient = global token mean: ``trainer.optimizer_step`` (not yet: mean of rank means)
+ 26  collectives on the rank's device: ``rlhf.train.distributed.collective_device``
+ 27  precision: :mod:`rlhf.train.precision`, ``models.weights_dtype`` (fp32 weights, bf16 autocast)
+ 28  explicit generation config: ``generation.sampling_config`` (nothing inherited)
+ 29  resume decided once: ``checkpoint.RunCheckpoints.decide`` (rank 0, broadcast)
+ 30  DDP gradient = global token mean: ``trainer.optimizer_step``, ``loop.train_steps``
 ===  ========================================================================================
 """
 

@@ -44,9 +44,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.config import ModelConfig, PPOConfig
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.io import read_manifest, sha256_file
-from rlhf.ppo import distributed as D
+from rlhf.train import distributed as D
 
 log = logging.getLogger("rlhf")
 
@@ -230,18 +230,25 @@ def latest(root: str | Path, fingerprint: str) -> Checkpoint | None:
     return None
 
 
-def clear_stale(root: str | Path, fingerprint: str) -> int:
-    """Delete checkpoints of another run (other config/inputs) so they can never be mixed with this one."""
-    n = 0
+def stale(root: str | Path, fingerprint: str) -> list[Path]:
+    """The checkpoints under ``root`` made by another run (other config, inputs or rank count)."""
+    found = []
     for _, path in _step_dirs(Path(root)):
         try:
             fp = json.loads((path / STATE).read_text()).get("fingerprint")
         except (OSError, ValueError):
             fp = None
         if fp is not None and fp != fingerprint:
-            shutil.rmtree(path, ignore_errors=True)
-            n += 1
-    return n
+            found.append(path)
+    return found
+
+
+def clear_stale(root: str | Path, fingerprint: str) -> int:
+    """Delete checkpoints of another run (other config/inputs) so they can never be mixed with this one."""
+    paths = stale(root, fingerprint)
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(paths)
 
 
 # ----------------------------------------------------------------------------- a run's checkpoints
@@ -250,7 +257,7 @@ def clear_stale(root: str | Path, fingerprint: str) -> int:
 def fingerprint(cfg: PPOConfig, model_cfg: ModelConfig, inputs: dict[str, str], world_size: int) -> str:
     """What makes two runs the same run (so a checkpoint of one may continue the other)."""
     ignore = {"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
-              "resume", "log_every"}
+              "resume", "replace_stale_checkpoints", "log_every"}
     c = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignore}
     m = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in ("cache_dir",)}
     blob = json.dumps({"ppo": c, "model": m, "inputs": inputs, "world_size": world_size}, sort_keys=True)
@@ -278,22 +285,45 @@ class RunCheckpoints:
     def __init__(self, root: Path, fingerprint: str, cfg: PPOConfig, info: D.DistInfo):
         self.root, self.fingerprint, self.cfg, self.info = root, fingerprint, cfg, info
 
-    def resume(self, policy, critic, opt, sched, kl_ctl) -> tuple[int, list[dict[str, float]]]:
-        """Load the newest checkpoint of this run into the given objects: ``(its step, its metric history)``.
+    def decide(self) -> dict[str, Any]:
+        """Rank 0's decision: what to remove, and which checkpoint (if any) every rank resumes from.
 
-        Without ``cfg.resume`` the old checkpoints are removed; otherwise those of another run (other
-        config or inputs) are. ``(0, [])`` when there is nothing to resume.
+        Without ``cfg.resume`` the old checkpoints are removed. Checkpoints of another run (other
+        config, inputs or rank count) are removed only with ``cfg.replace_stale_checkpoints``;
+        otherwise the run stops and keeps them.
         """
-        if self.info.is_main:
-            if not self.cfg.resume and self.root.exists():
+        if not self.cfg.resume:
+            if self.root.exists():
                 shutil.rmtree(self.root)
-            elif self.root.exists() and (n := clear_stale(self.root, self.fingerprint)):
-                log.warning("[ppo] removed %d checkpoint(s) of another run (other config or inputs) "
-                            "from %s", n, self.root)
-        D.barrier()
-        found = latest(self.root, self.fingerprint) if self.cfg.resume else None
-        if found is None:
+            return {"path": None}
+        old = stale(self.root, self.fingerprint) if self.root.exists() else []
+        if old and not self.cfg.replace_stale_checkpoints:
+            return {"error": f"{len(old)} checkpoint(s) in {self.root} belong to another run (changed config, "
+                             f"inputs or GPU count), newest {old[0].name}"}
+        if old:
+            clear_stale(self.root, self.fingerprint)
+            log.warning("[ppo] removed %d checkpoint(s) of another run (other config or inputs) from %s",
+                        len(old), self.root)
+        found = latest(self.root, self.fingerprint)
+        return {"path": str(found.path) if found else None, "step": found.step if found else 0}
+
+    def resume(self, policy, critic, opt, sched, kl_ctl) -> tuple[int, list[dict[str, float]]]:
+        """Load the checkpoint rank 0 chose (:meth:`decide`, broadcast) into the given objects on every rank:
+        ``(its step, its metric history)``; ``(0, [])`` when there is nothing to resume."""
+        decision = self.decide() if self.info.is_main else None
+        decision = D.broadcast_object(decision)
+        if "error" in decision:
+            raise ConfigError(decision["error"], where="ppo.checkpoint_dir",
+                              hint="set ppo.replace_stale_checkpoints true to delete them, or point "
+                                   "ppo.checkpoint_dir elsewhere")
+        if decision["path"] is None:
             return 0, []
+        path = Path(decision["path"])
+        problem = None if self.info.is_main else validate(path)  # rank 0 validated it in decide()
+        if problem:  # rank 0 saw it whole; this rank does not (storage that ranks see differently)
+            raise RuntimeError(f"rank {self.info.rank} cannot read checkpoint {path} that rank 0 resumes from: "
+                               f"{problem}")
+        found = Checkpoint(path, decision["step"], json.loads((path / STATE).read_text()))
         load_trainable_state(policy, found.weights("policy"))
         load_trainable_state(critic, found.weights("critic"))
         trainer = found.trainer_state()
@@ -332,6 +362,6 @@ class RunCheckpoints:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-__all__ = ["Checkpoint", "save", "latest", "validate", "prune", "clear_stale", "capture_rng", "restore_rng",
+__all__ = ["Checkpoint", "save", "latest", "validate", "prune", "stale", "clear_stale", "capture_rng", "restore_rng",
            "trainable_state", "load_trainable_state", "step_name", "fingerprint", "artifact_id",
            "checkpoint_root", "RunCheckpoints"]

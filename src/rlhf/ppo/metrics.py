@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.ppo import distributed as D
 from rlhf.ppo.rollout import Experience, experience_stats
+from rlhf.train import distributed as D
 from rlhf.train.loop import fmt_duration
 
 log = logging.getLogger("rlhf")
@@ -127,12 +127,16 @@ class StepLog:
     def record(self, step: int, exp: Experience, upd: dict[str, float], beta: float, lr: float,
                gen_seconds: float) -> dict[str, float]:
         """The step's metrics, reduced over ranks, into the history, MLflow and the progress line."""
-        world, device = self.info.world_size, exp.response_ids.device
-        sums = D.sum_dict(experience_stats(exp), device=device)
-        upd = {k: v / world for k, v in D.sum_dict(upd, device=device).items()}
+        world = self.info.world_size
+        # one collective for everything, on the rank's device (docs/ppo.md #26)
+        local = {**{f"exp.{k}": v for k, v in experience_stats(exp).items()},
+                 **{f"upd.{k}": v for k, v in upd.items()}, "gen_seconds": gen_seconds}
+        reduced = D.sum_dict(local)
+        sums = {k[4:]: v for k, v in reduced.items() if k.startswith("exp.")}
+        upd = {k[4:]: v / world for k, v in reduced.items() if k.startswith("upd.")}
         m = step_metrics(sums, upd, beta, lr)
         seconds = time.perf_counter() - self._t0
-        gen_s = D.sum_dict({"g": gen_seconds})["g"] / world
+        gen_s = reduced["gen_seconds"] / world
         global_batch = self.cfg.rollout_batch_size * world
         m.update({"episodes_per_s": global_batch / seconds, "tokens_per_s": sums["tokens"] / seconds,
                   "gen_share": gen_s / seconds, "step_seconds": seconds})

@@ -32,7 +32,7 @@ import hashlib
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
 from rlhf.mlops import tracking
 from rlhf.ppo import checkpoint as ckpt
-from rlhf.ppo import distributed as D
 from rlhf.ppo import loss as L
 from rlhf.ppo.metrics import StepLog, UpdateStats, mean_update_stats
 from rlhf.ppo.rollout import (
@@ -60,8 +59,10 @@ from rlhf.ppo.rollout import (
     unwrap,
     zero_value_head,
 )
+from rlhf.train import distributed as D
 from rlhf.train import generation, models
 from rlhf.train.loop import make_scheduler, set_seed
+from rlhf.train.precision import Precision, for_model
 
 log = logging.getLogger("rlhf")
 
@@ -220,18 +221,24 @@ def critic_values(critic, inputs) -> torch.Tensor:
 
 
 def backward_micro_batch(policy, critic, mb: dict[str, torch.Tensor], cfg: PPOConfig,
-                         weight: float) -> dict[str, torch.Tensor]:
+                         weight: float, precision: Precision | None = None) -> dict[str, torch.Tensor]:
     """Back-propagate ``weight`` x the micro-batch's PPO loss: the policy's part, then the critic's.
 
     Each backward frees its model's activations before the other model's forward, so the peak holds
     one model's activations, not both; the gradients are those of the total loss (the two models
-    share no parameters). Returns the loss's stats and the (unweighted) ``loss``.
+    share no parameters). The forward passes run under ``precision``'s autocast (docs/ppo.md #27).
+    Returns the loss's stats and the (unweighted) ``loss``.
     """
+    precision = precision or Precision.off()
     inputs = model_inputs(mb)
-    pg = L.ppo_loss(mb, cfg, **policy_outputs(policy, mb, inputs, cfg))
-    (pg.total * weight).backward()
-    vf = L.ppo_loss(mb, cfg, values=critic_values(critic, inputs))
-    (vf.total * weight).backward()
+    with precision.autocast():
+        outputs = policy_outputs(policy, mb, inputs, cfg)
+    pg = L.ppo_loss(mb, cfg, **{k: v.float() for k, v in outputs.items()})
+    precision.backward(pg.total * weight)
+    with precision.autocast():
+        values = critic_values(critic, inputs)
+    vf = L.ppo_loss(mb, cfg, values=values.float())
+    precision.backward(vf.total * weight)
     return {**pg.stats, **vf.stats, "loss": pg.total.detach() + vf.total.detach()}
 
 
@@ -257,10 +264,15 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
 
 
 def optimizer_step(policy, critic, exp: Experience, micro_batches: list[torch.Tensor], cfg: PPOConfig, opt,
-                   info: D.DistInfo) -> UpdateStats:
+                   info: D.DistInfo, precision: Precision | None = None) -> UpdateStats:
     """One minibatch: accumulate its micro-batches' gradients, clip them per model, one optimizer step."""
+    precision = precision or Precision.off()
     device = exp.response_ids.device
     tokens = float(exp.response_mask[torch.cat(micro_batches).to(device)].sum())
+    # Under DDP the gradient is the mean over the valid tokens of the *global* minibatch (docs/ppo.md #30):
+    # each rank's share is scaled by world x its tokens / all ranks' tokens (DDP then averages the ranks).
+    global_tokens = D.sum_dict({"tokens": tokens})["tokens"] if info.enabled else tokens
+    rank_share = info.world_size * tokens / global_tokens if global_tokens > 0 else 1.0
     stats = UpdateStats()
     for k, rows in enumerate(micro_batches):
         mb = exp.select(rows.to(device))
@@ -269,19 +281,20 @@ def optimizer_step(policy, critic, exp: Experience, micro_batches: list[torch.Te
         # for nothing (weight 1 when the micro-batch is the minibatch).
         w = float(mb["response_mask"].sum()) / tokens if tokens > 0 else 1.0 / len(micro_batches)
         with D.no_sync([policy, critic], active=info.enabled and k < len(micro_batches) - 1):
-            stats.add(backward_micro_batch(policy, critic, mb, cfg, w), w)
+            stats.add(backward_micro_batch(policy, critic, mb, cfg, w * rank_share, precision), w)
+    precision.unscale(opt)
     stats.grad_norm_policy = clip_gradients(policy, cfg.max_grad_norm)
     stats.grad_norm_critic = clip_gradients(critic, cfg.max_grad_norm)
-    opt.step()
+    precision.step(opt)
     opt.zero_grad(set_to_none=True)
     return stats
 
 
 def ppo_update(policy, critic, exp: Experience, cfg: PPOConfig, opt, step: int,
-               info: D.DistInfo) -> dict[str, float]:
+               info: D.DistInfo, precision: Precision | None = None) -> dict[str, float]:
     """``ppo_epochs`` x ``num_minibatches`` optimizer steps on one batch: mean diagnostics (+ the first's)."""
     plan = minibatch_plan(len(exp), cfg, step, info.rank)
-    return mean_update_stats([optimizer_step(policy, critic, exp, micro_batches, cfg, opt, info)
+    return mean_update_stats([optimizer_step(policy, critic, exp, micro_batches, cfg, opt, info, precision)
                               for micro_batches in plan])
 
 
@@ -310,6 +323,7 @@ class PPORun:
     kl_ctl: FixedKLController
     start_step: int              # the checkpoint resumed from (0: a fresh run)
     history: list[dict[str, float]]
+    precision: Precision = field(default_factory=Precision.off)  # autocast dtype, fp16 grad scaler
 
     def texts_scorer(self, prompts: list[str]):
         """For a reward model with another tokenizer: score decoded responses (decode, re-encode, score)."""
@@ -331,16 +345,17 @@ def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints) -> N
         # rollout: this rank's prompts of the step, a response each; old and reference log-probs, values
         prompts = run.prompts.take((step - 1) * global_batch + info.rank * cfg.rollout_batch_size,
                                    cfg.rollout_batch_size)
-        samples = sample_responses(run.policy, run.ref, run.critic, run.tokenizer, prompts, run.settings)
-        # score: the reward model at each response's EOS, normalised, minus the missing-EOS penalty
-        scores, raw = score_responses(run.reward_model, samples, run.settings, run.norm,
-                                      run.texts_scorer(prompts))
+        with run.precision.autocast():  # the same compute dtype as the update's forward passes (#7, #27)
+            samples = sample_responses(run.policy, run.ref, run.critic, run.tokenizer, prompts, run.settings)
+            # score: the reward model at each response's EOS, normalised, minus the missing-EOS penalty
+            scores, raw = score_responses(run.reward_model, samples, run.settings, run.norm,
+                                          run.texts_scorer(prompts))
         # advantages: per-token rewards -beta * KL (+ the score at the EOS), GAE, whitened
         beta = run.kl_ctl.value
         exp = compute_advantages(samples, scores, raw, run.settings, beta, all_reduce)
         # update: ppo_epochs passes over the batch in shuffled minibatches, one optimizer step each
         lr = run.sched.get_last_lr()[0]
-        upd = ppo_update(run.policy, run.critic, exp, cfg, run.opt, step, info)
+        upd = ppo_update(run.policy, run.critic, exp, cfg, run.opt, step, info, run.precision)
         run.sched.step()
         # bookkeeping: metrics, beta from this batch's KL, now and then a checkpoint
         m = book.record(step, exp, upd, beta, lr, samples.gen_seconds)
@@ -436,7 +451,7 @@ def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
                  reward_model=rm, tokenizer=tok, rm_tokenizer=None if same_vocab else rm_tok,
                  rm_max_len=int(rm_manifest.get("max_seq_len", 256)), norm=norm,
                  prompts=stream, settings=settings, opt=opt, sched=sched, kl_ctl=kl_ctl,
-                 start_step=start_step, history=history)
+                 start_step=start_step, history=history, precision=for_model(policy, model_cfg))
     return run, checkpoints
 
 

@@ -4,8 +4,11 @@
   ``generate`` uses the KV cache and its own position handling (we pass no
   position ids to it).
 * Sampling is pure temperature sampling: ``do_sample=True, top_k=0, top_p=1``
-  (4). The same temperature divides the logits whenever log-probabilities are
-  computed for training or KL (5).
+  (4), from an explicit :func:`sampling_config`; the checkpoint's own
+  ``generation_config`` (repetition penalty, ``min_p``, no-repeat n-grams...) is
+  set aside while sampling, so nothing inherited changes the distribution
+  (docs/ppo.md #28). The same temperature divides the logits whenever
+  log-probabilities are computed for training or KL (5).
 * A response stops at the first EOS; everything after it is padding and masked
   out (6). A response that never emits EOS within the budget is flagged
   (``has_eos = False``) so the caller can penalise it (11).
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +74,35 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> 
     return ids, mask, has_eos
 
 
+def sampling_config(tokenizer, *, max_new_tokens: int, temperature: float):
+    """The whole sampling configuration: temperature sampling over the full vocabulary, nothing else."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, num_beams=1, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                            temperature=temperature, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                            use_cache=True)
+
+
+@contextlib.contextmanager
+def without_inherited_generation_config(model):
+    """Set aside the ``generation_config`` the checkpoint brought (on every module that holds one, under
+    DDP/PEFT wrappers too): ``generate`` fills the fields we leave unset from it, so while this is active
+    only :func:`sampling_config` and the library's neutral defaults apply."""
+    from transformers import GenerationConfig
+
+    saved = [(m, m.__dict__["generation_config"]) for m in model.modules()
+             if isinstance(m.__dict__.get("generation_config"), GenerationConfig)]
+    try:
+        for m, _ in saved:
+            m.__dict__["generation_config"] = GenerationConfig()
+        yield
+    finally:
+        for m, gc in saved:
+            m.__dict__["generation_config"] = gc
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
            max_prompt_len: int = 256, generator_seed: int | None = None) -> Rollout:
@@ -80,10 +113,9 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
         torch.manual_seed(generator_seed)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=q_ids, attention_mask=q_mask, do_sample=True, top_k=0, top_p=1.0,
-                         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         use_cache=True)
+    config = sampling_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    with without_inherited_generation_config(model):
+        out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=config)
     if was_training:
         model.train()
     resp = out[:, q_ids.shape[1]:]

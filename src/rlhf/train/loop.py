@@ -1,4 +1,16 @@
-"""Pieces every training loop here shares: seeding, optimizer + schedule, progress lines, batching."""
+"""Pieces every training loop here shares: seeding, optimizer + schedule, progress lines, batching, and
+:func:`train_steps`, the optimisation loop of SFT and the reward model (DDP-aware, mixed precision).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs the same loop on its shard of each global
+batch: one seeded order of the examples, shared by all ranks, cut into global batches of
+``batch_size x world_size`` rows, of which each rank takes its contiguous part (:func:`rank_batches`).
+The loss of an optimizer step is the *global* mean over its units (response tokens for SFT, pairs
+for the reward model) across its micro-batches and all ranks: each micro-batch back-propagates
+``world x sum(its losses) / global units`` and DDP averages the ranks' gradients, so the step is
+that of one process on the whole global batch (gradient accumulation and the rank count change
+nothing but memory and speed). The model is wrapped in ``DistributedDataParallel``; only rank 0
+logs progress, tracks to MLflow and writes outputs (the stages see ``info.is_main``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +59,76 @@ def batches(n: int, batch_size: int, *, shuffle: bool, rng: random.Random | None
         (rng or random).shuffle(order)
     for i in range(0, n, batch_size):
         yield order[i : i + batch_size]
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world: int, rng: random.Random) -> Iterator[list[int]]:
+    """This rank's rows of every global batch, endlessly (one seeded shuffle per pass, the same on all ranks).
+
+    A global batch is ``batch_size * world`` rows of the shared order; rank ``r`` takes its ``r``-th
+    near-equal part. With more than one rank, a last global batch too short to give every rank a
+    row is skipped (every rank must take part in every gradient all-reduce).
+    """
+    if n == 0:
+        raise ValueError("no training examples")
+    per_global = batch_size * world
+    while True:
+        for chunk in batches(n, per_global, shuffle=True, rng=rng):
+            if len(chunk) < world:
+                continue
+            base, extra = divmod(len(chunk), world)
+            start = rank * base + min(rank, extra)
+            yield chunk[start : start + base + (1 if rank < extra else 0)]
+
+
+@dataclass
+class MicroBatch:
+    """What a loss function returns for one micro-batch: the *sum* of its per-unit losses, and sums of any
+    per-unit statistics to report (divided by the global unit count when logged)."""
+
+    loss_sum: torch.Tensor
+    stats: dict[str, float]
+
+
+def train_steps(stage: str, model: torch.nn.Module, opt, sched, total: int, batch_iter: Iterator[list[int]],
+                grad_accum: int, units: Callable[[list[int]], int], loss_fn: Callable[[list[int]], MicroBatch],
+                max_grad_norm: float, precision, info, tracker, log_every: int) -> tuple[int, dict[str, float]]:
+    """``total`` optimizer steps; ``model`` as trained (DDP-wrapped when distributed). Returns the last step's
+    metrics. ``units(idx)`` counts a micro-batch's loss units (tokens or pairs) before its forward pass."""
+    from rlhf.train import distributed as D
+
+    progress = Progress(stage, total, log_every)
+    params = [p for p in model.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    model.train()
+    for step in range(1, total + 1):
+        micro = [next(batch_iter) for _ in range(grad_accum)]
+        counts = [units(idx) for idx in micro]
+        # one collective: the global number of units in this step (and the tokens, for the progress line)
+        global_units = D.sum_dict({"units": float(sum(counts))})["units"]
+        scale = info.world_size / max(global_units, 1.0)
+        sums: dict[str, float] = {"loss": 0.0}
+        for k, idx in enumerate(micro):
+            with D.no_sync([model], active=info.enabled and k < len(micro) - 1):
+                with precision.autocast():
+                    mb = loss_fn(idx)
+                precision.backward(mb.loss_sum.float() * scale)
+            sums["loss"] += float(mb.loss_sum.detach())
+            for key, v in mb.stats.items():
+                sums[key] = sums.get(key, 0.0) + v
+        precision.unscale(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        precision.step(opt)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        reduced = D.sum_dict({**sums, "units": float(sum(counts))})
+        n = max(reduced.pop("units"), 1.0)
+        tokens = reduced.pop("tokens", 0.0)
+        last = {**{k: v / n for k, v in reduced.items()}, "grad_norm": float(grad_norm),
+                "lr": sched.get_last_lr()[0]}
+        rate = progress.step(step, last, tokens=int(tokens))
+        tracker.log_metrics({**last, **rate}, step=step)
+    last["seconds"] = progress.elapsed
+    return total, last
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:

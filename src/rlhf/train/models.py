@@ -112,6 +112,13 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def weights_dtype(cfg: ModelConfig, device: torch.device, for_training: bool) -> torch.dtype:
+    """The dtype a model's weights are loaded in: fp32 for a model that will be trained (master weights
+    and optimizer state in fp32; compute in :func:`pick_dtype` under autocast, :mod:`rlhf.train.precision`),
+    the compute dtype for a frozen one (docs/ppo.md #27)."""
+    return torch.float32 if for_training else pick_dtype(cfg, device)
+
+
 # ----------------------------------------------------------------------------- base models
 
 
@@ -553,7 +560,8 @@ def load_policy(path_or_cfg, cfg: ModelConfig, *, for_training: bool, corpus: It
     adapter, base = _sources(path_or_cfg, cfg, corpus)
     device = pick_device(cfg)
     tokenizer = load_tokenizer(adapter or base, trust_remote_code=cfg.trust_remote_code, add_pad=True)
-    model = _from_pretrained(AutoModelForCausalLM, base, cfg, pick_dtype(cfg, device), _load_config(base, cfg))
+    model = _from_pretrained(AutoModelForCausalLM, base, cfg, weights_dtype(cfg, device, for_training),
+                             _load_config(base, cfg))
     _prepare_base(model, tokenizer)
     model = _wrap_adapter(model, adapter, cfg, for_training, "CAUSAL_LM")
     return _finish(model, device, for_training), tokenizer
@@ -604,8 +612,8 @@ def load_reward_model(path, cfg: ModelConfig, *, for_training: bool, init_from_c
     tokenizer = load_tokenizer(adapter or base, trust_remote_code=cfg.trust_remote_code, add_pad=True)
     conf = _load_config(base, cfg, num_labels=1)
     conf.pad_token_id = tokenizer.pad_token_id
-    model, info = _from_pretrained(AutoModelForSequenceClassification, base, cfg, pick_dtype(cfg, device), conf,
-                                   output_loading_info=True)
+    model, info = _from_pretrained(AutoModelForSequenceClassification, base, cfg,
+                                   weights_dtype(cfg, device, for_training), conf, output_loading_info=True)
     missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
     if adapter is None:
         if missing and not init_from_causal:
@@ -668,7 +676,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True
     return out
 
 
-__all__ = ["cache_root", "pick_device", "pick_dtype", "resolve_base", "build_tiny", "ensure_smollm2",
+__all__ = ["cache_root", "pick_device", "pick_dtype", "weights_dtype", "resolve_base", "build_tiny", "ensure_smollm2",
            "convert_smollm2_gguf", "find_smollm2_gguf", "load_tokenizer", "load_policy", "load_reward_model",
            "save_model", "chat_prompt", "encode_prompt", "encode_text", "reward_scores", "position_ids_from_mask", "score_head",
            "init_score_head", "disable_dropout", "choose_pad_token", "tiny_cache_key", "train_tiny_tokenizer"]

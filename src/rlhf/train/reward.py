@@ -15,6 +15,7 @@ The loop is ours for the same reasons as in :mod:`rlhf.train.sft`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -29,8 +30,19 @@ from rlhf.data import demo
 from rlhf.data.prepare import load_split
 from rlhf.io import atomic_dir, read_manifest, write_manifest
 from rlhf.mlops import tracking
+from rlhf.train import distributed as D
 from rlhf.train import models
-from rlhf.train.loop import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
+from rlhf.train.loop import (
+    MicroBatch,
+    batches,
+    make_optimizer,
+    make_scheduler,
+    pad_right,
+    rank_batches,
+    set_seed,
+    train_steps,
+)
+from rlhf.train.precision import for_model
 
 log = logging.getLogger("rlhf")
 
@@ -70,10 +82,33 @@ def evaluate_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int)
     return pair_metrics(c, r)
 
 
+class Scorer(torch.nn.Module):
+    """``reward_scores`` as a module's forward, so that DistributedDataParallel sees (and syncs) it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return models.reward_scores(self.model, ids, mask)
+
+
 def train_reward(dataset: str | Path, sft_model: str | Path | None, out: str | Path,
                  cfg: RewardConfig | None = None, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Train the reward model on the preference split; write it + manifest (with score normalisation)."""
+    """Train the reward model on the preference split; write it + manifest (with score normalisation).
+
+    Under ``torchrun`` every rank calls this (DDP); ``batch_size`` is per rank; only rank 0 tracks and writes.
+    """
     cfg, model_cfg = cfg or RewardConfig(), model_cfg or ModelConfig()
+    info = D.setup()
+    try:
+        return _train_reward(dataset, sft_model, out, cfg, model_cfg, info)
+    finally:
+        D.teardown(info)
+
+
+def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelConfig,
+                  info: D.DistInfo) -> dict[str, Any]:
     set_seed(cfg.seed)
     train_df = load_split(dataset, "preferences", "train")
     eval_df = load_split(dataset, "preferences", "eval").head(cfg.eval_max_rows)
@@ -94,40 +129,32 @@ def train_reward(dataset: str | Path, sft_model: str | Path | None, out: str | P
     gold_pairs = demo.fresh_pairs(cfg.gold_pairs, seed=cfg.seed + 777, prompts=gold_prompts) \
         if gold_prompts and cfg.gold_pairs else []
 
-    steps_per_epoch = math.ceil(len(enc) / (cfg.batch_size * cfg.grad_accum))
-    total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    total = cfg.max_steps or max(1, int(math.ceil(len(enc) / global_batch) * cfg.epochs))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, total, cfg.warmup_ratio)
-    rng = random.Random(cfg.seed)
-    with tracking.stage_run("reward", cfg, tags={"model": model_cfg.name}) as tracker:
+    precision = for_model(model, model_cfg)
+    scorer = D.wrap(Scorer(model), info)  # DDP must see the forward pass: reward_scores bypasses model()
+
+    def loss_fn(idx: list[int]) -> MicroBatch:
+        seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
+        ids = pad_right(seqs, tok.pad_token_id).to(device)
+        mask = pad_right([[1] * len(s) for s in seqs], 0).to(device)
+        scores = scorer(ids, mask).float()
+        rc, rr = scores[: len(idx)], scores[len(idx):]
+        diff = (rc - rr).detach()
+        stats = {"batch_accuracy": float(((diff > 0).float() + 0.5 * (diff == 0).float()).sum()),
+                 "batch_mean_margin": float(diff.sum()), "tokens": float(mask.sum())}
+        return MicroBatch(-F.logsigmoid(rc - rr).sum(), stats)
+
+    run_ctx = tracking.stage_run("reward", cfg, tags={"model": model_cfg.name, "world_size": info.world_size}) \
+        if info.is_main else contextlib.nullcontext(tracking.Tracker(None))
+    with run_ctx as tracker:
         tracker.log_params({"model": model_cfg.model_dump(mode="json")})
-        progress = Progress("reward", total, cfg.log_every)
-        step, micro, last = 0, 0, {}
-        model.train()
         models.disable_dropout(model)
-        while step < total:
-            for idx in batches(len(enc), cfg.batch_size, shuffle=True, rng=rng):
-                seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
-                ids = pad_right(seqs, tok.pad_token_id).to(device)
-                mask = pad_right([[1] * len(s) for s in seqs], 0).to(device)
-                scores = models.reward_scores(model, ids, mask)
-                rc, rr = scores[: len(idx)], scores[len(idx):]
-                loss = -F.logsigmoid(rc - rr).mean()
-                (loss / cfg.grad_accum).backward()
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                last = {"loss": loss.item(), **{f"batch_{k}": v for k, v in pair_metrics(rc, rr).items()},
-                        "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
-                rate = progress.step(step, last, tokens=int(mask.sum()))
-                tracker.log_metrics({**last, **rate}, step=step)
-                if step >= total:
-                    break
+        batch_iter = rank_batches(len(enc), cfg.batch_size, info.rank, info.world_size, random.Random(cfg.seed))
+        step, last = train_steps("reward", scorer, opt, sched, total, batch_iter, cfg.grad_accum, len, loss_fn,
+                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every)
         held_out = evaluate_pairs(model, tok, eval_pairs, cfg.max_seq_len, cfg.batch_size)
         gold = evaluate_pairs(model, tok, gold_pairs, cfg.max_seq_len, cfg.batch_size) if gold_pairs else {}
         sft_eval = load_split(dataset, "sft", "eval").head(cfg.eval_max_rows)
@@ -142,16 +169,19 @@ def train_reward(dataset: str | Path, sft_model: str | Path | None, out: str | P
             "gold_agreement": gold.get("accuracy", float("nan")),
             "gold_pairs": len(gold_pairs),
             "steps": step,
-            "seconds": progress.elapsed,
-            "samples_per_s": step * cfg.batch_size * cfg.grad_accum / max(progress.elapsed, 1e-9),
+            "world_size": info.world_size,
+            "seconds": last["seconds"],
+            "samples_per_s": step * global_batch / max(last["seconds"], 1e-9),
         }
-        tracker.log_metrics(metrics)
-        with atomic_dir(out) as tmp:
-            models.save_model(model, tok, tmp, merge_lora=True)
-            write_manifest(tmp, kind="reward-model", inputs={"dataset": dataset, **(
-                {"sft_model": sft_model} if sft_model else {})}, config=cfg, metrics=metrics,
-                extra={"model": model_cfg.model_dump(mode="json"), "reward_norm": norm,
-                       "max_seq_len": cfg.max_seq_len, "mlflow_run_id": tracker.run_id})
+        if info.is_main:
+            tracker.log_metrics(metrics)
+            with atomic_dir(out) as tmp:
+                models.save_model(model, tok, tmp, merge_lora=True)
+                write_manifest(tmp, kind="reward-model", inputs={"dataset": dataset, **(
+                    {"sft_model": sft_model} if sft_model else {})}, config=cfg, metrics=metrics,
+                    extra={"model": model_cfg.model_dump(mode="json"), "reward_norm": norm,
+                           "max_seq_len": cfg.max_seq_len, "mlflow_run_id": tracker.run_id})
+    D.barrier()
     log.info("[reward] held-out accuracy %.3f, gold agreement %.3f, margin %.3f; model in %s",
              metrics["eval_accuracy"], metrics["gold_agreement"], metrics["eval_mean_margin"], out)
     return metrics

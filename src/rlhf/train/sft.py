@@ -14,6 +14,7 @@ same code the reward and PPO stages use (one place for each piece of logic);
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -26,8 +27,19 @@ from rlhf.config import ModelConfig, SFTConfig
 from rlhf.data.prepare import dataset_texts, load_split
 from rlhf.io import atomic_dir, write_manifest
 from rlhf.mlops import tracking
+from rlhf.train import distributed as D
 from rlhf.train import models
-from rlhf.train.loop import Progress, batches, make_optimizer, make_scheduler, pad_right, set_seed
+from rlhf.train.loop import (
+    MicroBatch,
+    batches,
+    make_optimizer,
+    make_scheduler,
+    pad_right,
+    rank_batches,
+    set_seed,
+    train_steps,
+)
+from rlhf.train.precision import Precision, for_model
 
 log = logging.getLogger("rlhf")
 
@@ -47,74 +59,83 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": (labels != -100) | (ids != pad_id), "labels": labels}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over response tokens; also the number of such tokens."""
+def lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The sum of the next-token cross-entropy over response tokens, and the number of such tokens."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100, reduction="sum")
-    n = int((labels != -100).sum())
-    return loss / max(n, 1), n
+    return loss, int((labels != -100).sum())
 
 
 @torch.no_grad()
-def eval_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
+def eval_loss(model, examples, pad_id: int, batch_size: int, device, precision: Precision | None = None) -> float:
+    """Mean token loss over ``examples`` (every rank computes the same number on its identical model)."""
     model.eval()
     total, count = 0.0, 0
     for idx in batches(len(examples), batch_size, shuffle=False):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        loss, n = lm_loss(model, batch)
-        total += loss.item() * n
+        with (precision or Precision.off()).autocast():
+            loss, n = lm_loss_sum(model, batch)
+        total += float(loss)
         count += n
     return total / max(count, 1)
 
 
 def train_sft(dataset: str | Path, out: str | Path, cfg: SFTConfig | None = None,
               model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Fine-tune the base policy on the SFT split; write the policy + manifest to ``out``."""
+    """Fine-tune the base policy on the SFT split; write the policy + manifest to ``out``.
+
+    Under ``torchrun`` every rank calls this (DDP, :func:`rlhf.train.loop.train_steps`); ``batch_size`` is
+    per rank; only rank 0 tracks and writes.
+    """
     cfg, model_cfg = cfg or SFTConfig(), model_cfg or ModelConfig()
+    info = D.setup()
+    try:
+        return _train_sft(dataset, out, cfg, model_cfg, info)
+    finally:
+        D.teardown(info)
+
+
+def _train_sft(dataset, out, cfg: SFTConfig, model_cfg: ModelConfig, info: D.DistInfo) -> dict[str, Any]:
     set_seed(cfg.seed)
     train_df, eval_df = load_split(dataset, "sft", "train"), load_split(dataset, "sft", "eval")
     corpus = dataset_texts(dataset) if model_cfg.name == "tiny" else None
     model, tok = models.load_policy(model_cfg, model_cfg, for_training=True, corpus=corpus)
+    models.disable_dropout(model)
     device = next(model.parameters()).device
+    precision = for_model(model, model_cfg)
     train = [encode(tok, p, r, cfg.max_seq_len) for p, r in zip(train_df["prompt"], train_df["response"])]
     evals = [encode(tok, p, r, cfg.max_seq_len) for p, r in
              zip(eval_df["prompt"][: cfg.eval_max_rows], eval_df["response"][: cfg.eval_max_rows])]
 
-    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
-    total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    total = cfg.max_steps or max(1, int(math.ceil(len(train) / global_batch) * cfg.epochs))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, total, cfg.warmup_ratio)
-    rng = random.Random(cfg.seed)
+    trained = D.wrap(model, info)
 
-    with tracking.stage_run("sft", cfg, tags={"model": model_cfg.name}) as tracker:
+    def collated(idx: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate([train[i] for i in idx], tok.pad_token_id).items()}
+
+    def units(idx: list[int]) -> int:  # response tokens, the loss's unit (the label shift drops none of them)
+        return sum(sum(1 for t in train[i][1][1:] if t != -100) for i in idx)
+
+    def loss_fn(idx: list[int]) -> MicroBatch:
+        batch = collated(idx)
+        loss, _ = lm_loss_sum(trained, batch)
+        return MicroBatch(loss, {"tokens": float(batch["attention_mask"].sum())})
+
+    run_ctx = tracking.stage_run("sft", cfg, tags={"model": model_cfg.name, "world_size": info.world_size}) \
+        if info.is_main else contextlib.nullcontext(tracking.Tracker(None))
+    with run_ctx as tracker:
         tracker.log_params({"model": model_cfg.model_dump(mode="json")})
-        before = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device)
-        progress = Progress("sft", total, cfg.log_every)
-        step, micro, last = 0, 0, {}
-        model.train()
-        models.disable_dropout(model)
-        while step < total:
-            for idx in batches(len(train), cfg.batch_size, shuffle=True, rng=rng):
-                batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], tok.pad_token_id).items()}
-                loss, n_tok = lm_loss(model, batch)
-                (loss / cfg.grad_accum).backward()
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                last = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
-                rate = progress.step(step, last, tokens=int(batch["attention_mask"].sum()))
-                tracker.log_metrics({**last, **rate}, step=step)
-                if step >= total:
-                    break
-        after = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device)
+        before = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device, precision)
+        batch_iter = rank_batches(len(train), cfg.batch_size, info.rank, info.world_size, random.Random(cfg.seed))
+        step, last = train_steps("sft", trained, opt, sched, total, batch_iter, cfg.grad_accum, units, loss_fn,
+                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every)
+        after = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device, precision)
         metrics = {
             "train_loss": last.get("loss", float("nan")),
             "eval_loss_before": before,
@@ -122,15 +143,18 @@ def train_sft(dataset: str | Path, out: str | Path, cfg: SFTConfig | None = None
             "eval_perplexity": math.exp(min(after, 50)),
             "steps": step,
             "train_examples": len(train),
-            "seconds": progress.elapsed,
-            "samples_per_s": step * cfg.batch_size * cfg.grad_accum / max(progress.elapsed, 1e-9),
+            "world_size": info.world_size,
+            "seconds": last["seconds"],
+            "samples_per_s": step * global_batch / max(last["seconds"], 1e-9),
         }
-        tracker.log_metrics(metrics)
-        with atomic_dir(out) as tmp:
-            models.save_model(model, tok, tmp, merge_lora=cfg.merge_lora)
-            write_manifest(tmp, kind="policy", inputs={"dataset": dataset}, config=cfg, metrics=metrics,
-                           extra={"model": model_cfg.model_dump(mode="json"), "stage": "sft",
-                                  "mlflow_run_id": tracker.run_id})
+        if info.is_main:
+            tracker.log_metrics(metrics)
+            with atomic_dir(out) as tmp:
+                models.save_model(model, tok, tmp, merge_lora=cfg.merge_lora)
+                write_manifest(tmp, kind="policy", inputs={"dataset": dataset}, config=cfg, metrics=metrics,
+                               extra={"model": model_cfg.model_dump(mode="json"), "stage": "sft",
+                                      "mlflow_run_id": tracker.run_id})
+    D.barrier()
     log.info("[sft] eval loss %.3f -> %.3f (perplexity %.2f); policy in %s", before, after,
              metrics["eval_perplexity"], out)
     return metrics

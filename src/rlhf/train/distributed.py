@@ -1,4 +1,4 @@
-"""torchrun / DDP helpers: the same PPO code runs on one process or on many.
+"""torchrun / DDP helpers: the same training code (SFT, reward, PPO) runs on one process or on many.
 
 Launch with ``torchrun --nproc_per_node N -m rlhf.cli ppo ...`` (or a Kubeflow PyTorchJob, which
 sets the same environment). Each rank samples its own slice of the global prompt batch with its own
@@ -7,7 +7,11 @@ seed (``seed + rank``: docs/ppo.md #24); the policy and the critic are wrapped i
 whitening and the logged metrics use statistics reduced over all ranks. Only rank 0 writes:
 checkpoints, the final artifact, MLflow and the progress log (other ranks log warnings only).
 
-Backend: NCCL on CUDA, gloo on CPU (the CPU test runs 2 gloo processes).
+Backend: NCCL on CUDA, gloo on CPU (the CPU test runs 2 gloo processes). NCCL only takes CUDA
+tensors, so every collective here builds or moves its tensor to :func:`collective_device` (the rank's
+GPU under NCCL, the CPU under gloo) and copies the result back: docs/ppo.md #26.
+
+The same helpers serve SFT and the reward model (:mod:`rlhf.train.loop`).
 """
 
 from __future__ import annotations
@@ -84,24 +88,53 @@ def no_sync(models: list[torch.nn.Module], active: bool):
     return stack
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where this rank's collective tensors must live: its GPU under NCCL, else the CPU."""
+    if _distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (a no-op on one process); works for CPU and CUDA tensors."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Sum ``t`` over ranks in place (a no-op on one process). A tensor on another device than
+    :func:`collective_device` is reduced through a copy there, so a CPU tensor works under NCCL too."""
+    if _distributed():
+        dev = collective_device()
+        if t.device == dev:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            buf = t.to(dev)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            t.copy_(buf.to(t.device))
     return t
 
 
-def sum_dict(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum a dict of floats over ranks (one collective for all keys)."""
+def sum_dict(values: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over ranks: one collective for all keys, on :func:`collective_device`."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if not _distributed():
+        return {k: float(values[k]) for k in keys}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     all_reduce_sum(t)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself on one process)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def gather_objects(obj) -> list:
     """Every rank's ``obj``, in rank order (a one-element list on one process)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -109,8 +142,11 @@ def gather_objects(obj) -> list:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if _distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def params_digest(*modules: torch.nn.Module) -> str:
@@ -132,5 +168,5 @@ def check_in_sync(*modules: torch.nn.Module) -> bool:
     return ok
 
 
-__all__ = ["DistInfo", "setup", "teardown", "wrap", "no_sync", "all_reduce_sum", "sum_dict", "gather_objects",
-           "barrier", "params_digest", "check_in_sync"]
+__all__ = ["DistInfo", "setup", "teardown", "wrap", "no_sync", "collective_device", "all_reduce_sum", "sum_dict",
+           "broadcast_object", "gather_objects", "barrier", "params_digest", "check_in_sync"]
