@@ -1,30 +1,31 @@
 """The whole loop on the tiny profile: a champion, then `rlhf feedback loop --rounds 2 --local`
 (sample -> simulated labels through the real app -> export + new DVC data version -> retrain), twice.
 
-Real MLflow (SQLite), real DVC, real KFP local runs. Slow (three pipeline runs, ~15 minutes on
-two busy cores): it is the loop's end-to-end test, the parts have their own fast tests.
+Real MLflow (SQLite), real DVC, real KFP local runs. Slow (two retrains after the suite's shared
+pipeline run): it is the loop's end-to-end test, the parts have their own fast tests.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from conftest import dvc_project, quick_params, run_cli
+from conftest import run_cli
 
 
 @pytest.mark.slow
-def test_two_rounds_make_two_data_versions_and_two_retrains_with_feedback_lineage(demo_raw, tmp_path):
-    root = dvc_project(tmp_path / "project", demo_raw)
-    quick_params(root)
-    env = {"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "MLFLOW_EXPERIMENT_NAME": "feedback-loop", "RLHF_CACHE": str(root / ".cache"), "RLHF_PROFILE": "",
-           "RLHF_DATA_HASH": "", "RLHF_PARENT_RUN_ID": "", "RLHF_PIPELINE_RUN_ID": "", "KFP_RUN_ID": "",
-           "OMP_NUM_THREADS": "1"}
-    no_champion = run_cli("feedback", "sample", "--prompts", "data/raw/prompts.jsonl", cwd=root, env=env)
+def test_two_rounds_make_two_data_versions_and_two_retrains_with_feedback_lineage(local_run, tmp_path):
+    # round 0 is the suite's shared `rlhf run` (conftest.local_run, which registered the first champion),
+    # copied so that this test's new data versions and retrains do not touch it
+    root = tmp_path / "project"
+    shutil.copytree(local_run.root, root, symlinks=True)
+    env = {**local_run.env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "RLHF_CACHE": str(root / ".cache")}
+    empty = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
+    no_champion = run_cli("feedback", "sample", "--prompts", "data/raw/prompts.jsonl", cwd=root, env=empty)
     assert no_champion.returncode == 2 and "no 'champion' version" in no_champion.stderr
-    first = run_cli("run", "--params", "params.yaml", "--runs-dir", "runs", "-q", cwd=root, env=env, timeout=1200)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert local_run.result.returncode == 0, local_run.result.stdout[-2000:]
     data_before = (root / "data.dvc").read_text()
 
     res = run_cli("feedback", "loop", "--rounds", "2", "--local", "--n", "24", "--annotators", "3", "--seed", "1", cwd=root,
