@@ -236,10 +236,10 @@ def _loopback_mlflow(run_dir: Path):
     """MLflow for the containers, over 127.0.0.1 only; yields the mounts they need.
 
     An http(s) tracking URI is used as it is (the steps share the host network). A SQLite store is
-    served for the run by ``mlflow server`` on a free loopback port, with its artifacts proxied to
-    ``./mlruns`` (where a subprocess run puts them), and ``MLFLOW_TRACKING_URI`` points at it while
-    the block runs. An experiment created earlier with a local artifact directory keeps it: that
-    directory is mounted and opened for the containers' user.
+    served for the run by ``mlflow server`` on a free loopback port and ``MLFLOW_TRACKING_URI``
+    points at it while the block runs. The experiment is made (or found) in the store first, so its
+    artifacts stay where a subprocess run puts them (``./mlruns/<experiment id>``, readable later
+    with the SQLite URI alone): that directory is mounted and opened for the containers' user.
     """
     from rlhf.mlops import tracking
 
@@ -250,13 +250,15 @@ def _loopback_mlflow(run_dir: Path):
     if not uri.startswith("sqlite:"):
         raise ConfigError(f"--containers: MLFLOW_TRACKING_URI {uri} is neither SQLite nor http(s)",
                           hint="use a sqlite:/// store or an MLflow server")
+    tracking.connect()  # the experiment, with its local artifact directory (mlflow's default for SQLite)
+    mounts = _artifact_mounts(uri, tracking.experiment_name())
     port = _free_port()
     log = (run_dir / "logs").joinpath("mlflow-server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as f:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                                   "--artifacts-destination", str(Path("mlruns").resolve()),
-                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                   "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1"],
                                   stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
@@ -265,7 +267,7 @@ def _loopback_mlflow(run_dir: Path):
         _wait_http(f"{url}/health", server, log)
         # the run's URLs would point at this server, gone after the run: the summary names the store
         os.environ.update(MLFLOW_TRACKING_URI=url, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")
-        yield _artifact_mounts(url, tracking.experiment_name())
+        yield mounts
     finally:
         for k, v in saved.items():
             if v is None:
@@ -295,11 +297,11 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 1
     raise UserError(f"the MLflow server for the containers did not answer in {timeout_s:.0f} s", hint=f"log: {log}")
 
 
-def _artifact_mounts(url: str, experiment: str) -> list:
+def _artifact_mounts(uri: str, experiment: str) -> list:
     from docker.types import Mount
     from mlflow.tracking import MlflowClient
 
-    exp = MlflowClient(tracking_uri=url).get_experiment_by_name(experiment)
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
     loc = exp.artifact_location if exp is not None else ""
     if not loc or not (loc.startswith("file:") or loc.startswith("/")):
         return []
