@@ -69,6 +69,12 @@ def test_rlhf_run_containers_end_to_end(image, demo_raw, tmp_path):
 
     root = dvc_project(tmp_path / "project", demo_raw)
     quick_params(root)
+    raw = root / "data" / "raw"
+    # pytest's temporary directories are private (0700): the steps, uid 10001, could not read the data
+    res = run_cli("run", "--containers", "--image", image, "--params", "params.yaml", cwd=root, timeout=300)
+    assert res.returncode != 0 and f"cannot read {raw}" in res.stderr and "chmod -R o+rX" in res.stderr
+    assert not (root / "runs").exists(), "nothing started"
+    subprocess.run(["chmod", "-R", "o+rX", str(raw)], check=True)
     db = root / "mlflow.db"
     env = {"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "MLFLOW_EXPERIMENT_NAME": "containers",
            "RLHF_CACHE": str(root / ".cache"), "RLHF_PROFILE": "", "RLHF_DATA_HASH": "", "RLHF_PARENT_RUN_ID": "",
@@ -104,7 +110,7 @@ def test_rlhf_run_containers_end_to_end(image, demo_raw, tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     mv = client.get_model_version_by_alias("rlhf-policy", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.tags["runner"] == "kfp-docker" and parent.data.tags["image"] == image
     assert parent.info.status == "FINISHED"

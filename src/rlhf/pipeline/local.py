@@ -225,6 +225,15 @@ def _docker(image: str):
     return client
 
 
+def _check_readable(raw: Path) -> None:
+    """The steps run as uid 10001: the raw data must be readable by others (a private copy is not)."""
+    unreadable = [p for p in (raw, *raw.rglob("*"))
+                  if not p.stat().st_mode & (0o005 if p.is_dir() else 0o004)]
+    if unreadable:
+        raise UserError(f"--containers: the steps run as uid {CONTAINER_USER.split(':')[0]} and cannot read "
+                        f"{unreadable[0]}", hint=f"chmod -R o+rX {raw}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -375,6 +384,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                             "profile": profile, "overrides": overrides or {}, **parameters}
     image = (image or dag.default_images()[0]) if containers else None
     docker_client = _docker(image) if containers else None
+    if containers:
+        _check_readable(raw.resolve())
     run_dir = new_run_dir(runs_dir)
     pipeline_root = run_dir / "kfp"
     (run_dir / "run.json").write_text(json.dumps(
