@@ -47,8 +47,8 @@ lint: install  ## ruff, and the files generated from the stage table are current
 codegen: install  ## rewrite dvc.yaml and src/rlhf/pipeline/components.py from the stage table
 	$(BIN)/python -m rlhf.pipeline.codegen
 
-image:  ## build the components' container image (needs a Docker engine)
-	docker build -f components/Dockerfile -t $(IMAGE) .
+image:  ## build the components' image (starts dockerd, makes a local base if needed; VARIANT=cuda: GPU image)
+	IMAGE=$(IMAGE) TORCH_VERSION=$(TORCH_VERSION) components/image.sh
 
 clean:  ## remove generated artifacts (keeps the venv and data)
 	rm -rf artifacts runs

@@ -243,6 +243,10 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only stage lines and the summary"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads per step (OMP_NUM_THREADS); 1 is "
                                        "fastest for the tiny model on a busy machine"),
+    containers: bool = typer.Option(False, "--containers", help="run every step in the component image "
+                                    "(KFP's DockerRunner; `make image` builds it)"),
+    image: str | None = typer.Option(None, "--image", envvar="RLHF_IMAGE",
+                                     help="the image of --containers (default: the pipeline's)"),
 ):
     """Run the whole pipeline here with the KFP local runner (CPU, demo data); prints a summary."""
     from rlhf.config import resolve
@@ -251,7 +255,7 @@ def run_cmd(
     result = pipeline_run.run_local(raw=raw, params=params, profile=profile, runs_dir=runs_dir,
                                     parameters=resolve.parse_assignments(param),
                                     overrides=resolve.dotted_overrides(set_fields), verbose=verbose,
-                                    quiet=quiet, threads=threads)
+                                    quiet=quiet, threads=threads, containers=containers, image=image)
     typer.echo(pipeline_run.format_summary(result))
 
 

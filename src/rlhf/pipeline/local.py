@@ -11,6 +11,12 @@ own progress lines, and a summary (gate decision, key metrics, where the model a
 the MLflow run). Everything the steps print goes to ``<run dir>/logs/<step>.log``; the artifacts
 are under ``<run dir>/kfp/`` with a link per stage in the run directory (``<run dir>/sft`` ...).
 
+``rlhf run --containers`` runs every step in the component image instead (KFP's ``DockerRunner``), as
+on the cluster: as its user (uid 10001) on a read-only root with a tmpfs ``/tmp``, the pipeline root
+and the raw data mounted at their own paths, on the host network so that MLflow is reached over
+loopback only (a SQLite store is served for the run by ``mlflow server`` on 127.0.0.1, its artifacts
+proxied; see :func:`_loopback_mlflow`). Same steps, same summary.
+
 Two work-arounds for kfp 2.17's local runner, both local-only and tested:
 
 * it cannot resolve ``dsl.OneOf`` over artifacts (the merge of the single-node and multi-node
@@ -25,6 +31,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -96,8 +104,9 @@ class StopOnSignal:
     and records the signal for :func:`run_local` to report. A second signal kills at once.
     """
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, stop: Any = None) -> None:
         self.console = console
+        self.stop = stop  # what stops the steps: our children (default), or the run's containers
         self.signum = 0
         self.during: str | None = None  # the task that was running
         self._saved: dict[int, Any] = {}
@@ -105,7 +114,8 @@ class StopOnSignal:
 
     def _handle(self, signum, _frame) -> None:
         if self.signum:  # second time: no more grace
-            stop_children(grace_s=0)
+            if self.stop is None:
+                stop_children(grace_s=0)
             return
         self.signum = signum
         self.during = self.console.current
@@ -114,7 +124,11 @@ class StopOnSignal:
 
     def _stop_loop(self) -> None:
         while not self._done.is_set():
-            stop_children()
+            if self.stop is None:
+                stop_children()
+            else:
+                with contextlib.suppress(Exception):
+                    self.stop()
             self._done.wait(0.5)
 
     def __enter__(self) -> StopOnSignal:
@@ -184,11 +198,163 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+# ------------------------------------------------------------------------------------------ containers
+
+CONTAINER_USER = "10001:10001"  # the image's user (components/Dockerfile)
+#: the environment the steps get (the subprocess steps inherit ours); paths of this machine are not passed
+CONTAINER_ENV = ("RLHF_", "MLFLOW_", "OMP_", "MKL_", "HF_", "TRANSFORMERS_", "GX_", "DVC_", "TOKENIZERS_")
+CONTAINER_HOME = {"HOME": "/tmp", "RLHF_CACHE": "/tmp/rlhf-cache", "HF_HOME": "/tmp/hf",
+                  "MPLCONFIGDIR": "/tmp/matplotlib"}
+RUN_LABEL = "io.rlhf.run"
+
+
+def _docker(image: str):
+    """The Docker engine, with ``image`` present (a local run pulls nothing)."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:
+        raise UserError(f"--containers needs a Docker engine: {str(e).splitlines()[0][:200]}",
+                        hint="start one (`make image` starts dockerd and builds the image)") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise UserError(f"image not found: {image}", hint="build it with `make image`, or pass --image") from None
+    return client
+
+
+def _check_readable(raw: Path) -> None:
+    """The steps run as uid 10001: the raw data must be readable by others (a private copy is not)."""
+    unreadable = [p for p in (raw, *raw.rglob("*"))
+                  if not p.stat().st_mode & (0o005 if p.is_dir() else 0o004)]
+    if unreadable:
+        raise UserError(f"--containers: the steps run as uid {CONTAINER_USER.split(':')[0]} and cannot read "
+                        f"{unreadable[0]}", hint=f"chmod -R o+rX {raw}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _loopback_mlflow(run_dir: Path):
+    """MLflow for the containers, over 127.0.0.1 only; yields the mounts they need.
+
+    An http(s) tracking URI is used as it is (the steps share the host network). A SQLite store is
+    served for the run by ``mlflow server`` on a free loopback port and ``MLFLOW_TRACKING_URI``
+    points at it while the block runs. The experiment is made (or found) in the store first, so its
+    artifacts stay where a subprocess run puts them (``./mlruns/<experiment id>``, readable later
+    with the SQLite URI alone): that directory is mounted and opened for the containers' user.
+    """
+    from rlhf.mlops import tracking
+
+    uri = tracking.tracking_uri()
+    if not tracking.enabled() or uri.startswith(("http://", "https://")):
+        yield []
+        return
+    if not uri.startswith("sqlite:"):
+        raise ConfigError(f"--containers: MLFLOW_TRACKING_URI {uri} is neither SQLite nor http(s)",
+                          hint="use a sqlite:/// store or an MLflow server")
+    tracking.connect()  # the experiment, with its local artifact directory (mlflow's default for SQLite)
+    mounts = _artifact_mounts(uri, tracking.experiment_name())
+    port = _free_port()
+    log = (run_dir / "logs").joinpath("mlflow-server.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as f:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                                   "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1"],
+                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        _wait_http(f"{url}/health", server, log)
+        # the run's URLs would point at this server, gone after the run: the summary names the store
+        os.environ.update(MLFLOW_TRACKING_URI=url, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")
+        yield mounts
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the MLflow server for the containers exited ({proc.returncode})", hint=f"log: {log}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.5)
+    proc.kill()
+    raise UserError(f"the MLflow server for the containers did not answer in {timeout_s:.0f} s", hint=f"log: {log}")
+
+
+def _artifact_mounts(uri: str, experiment: str) -> list:
+    from docker.types import Mount
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    loc = exp.artifact_location if exp is not None else ""
+    if not loc or not (loc.startswith("file:") or loc.startswith("/")):
+        return []
+    path = Path(loc.removeprefix("file://").removeprefix("file:"))
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(path.stat().st_mode | 0o777)
+    return [Mount(str(path), str(path), type="bind")]
+
+
+def _docker_runner(image: str, run_dir: Path, pipeline_root: Path, raw: Path, mounts: list):
+    """KFP's DockerRunner: the image's user, read-only root, tmpfs /tmp, host network, our mounts."""
+    import logging
+
+    from docker.types import Mount
+    from kfp import local
+
+    logging.getLogger("kfp.local.pip_install_manager").setLevel(logging.WARNING)  # no pip installs here
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    pipeline_root.chmod(0o777)  # the steps write their outputs as uid 10001
+    env = {k: v for k, v in os.environ.items() if k.startswith(CONTAINER_ENV) and k != "RLHF_LOCAL_RUN"}
+    env.update(CONTAINER_HOME)
+    raw = raw.resolve()
+    return local.DockerRunner(
+        user=CONTAINER_USER, read_only=True, tmpfs={"/tmp": "rw,exec"}, network_mode="host", shm_size="1g",
+        environment=env, labels={RUN_LABEL: run_dir.name},
+        mounts=[Mount(str(raw), str(raw), type="bind", read_only=True), *mounts])
+
+
+def _stop_containers(client, run_dir: Path) -> None:
+    for c in client.containers.list(filters={"label": f"{RUN_LABEL}={run_dir.name}"}):
+        with contextlib.suppress(Exception):
+            c.kill()
+
+
 def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml", profile: str | None = None,
               runs_dir: str | Path = "runs", parameters: dict[str, Any] | None = None,
               overrides: dict[str, dict[str, Any]] | None = None, verbose: bool = False, quiet: bool = False,
-              threads: int | None = None, out: Any = None) -> RunResult:
-    """Run the pipeline with the KFP local runner; return what happened (see :func:`format_summary`)."""
+              threads: int | None = None, out: Any = None, containers: bool = False,
+              image: str | None = None) -> RunResult:
+    """Run the pipeline with the KFP local runner; return what happened (see :func:`format_summary`).
+
+    ``containers``: every step in ``image`` (default ``$RLHF_IMAGE`` or the pipeline's) with KFP's
+    DockerRunner instead of a subprocess of this Python.
+    """
     from rlhf.mlops import tracking, versioning
 
     out = out or sys.stdout
@@ -217,19 +383,23 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                             "data_revision": data_revision,
                             "params_yaml": params_text(params.read_text(encoding="utf-8")),
                             "profile": profile, "overrides": overrides or {}, **parameters}
+    image = (image or dag.default_images()[0]) if containers else None
+    docker_client = _docker(image) if containers else None
+    if containers:
+        _check_readable(raw.resolve())
     run_dir = new_run_dir(runs_dir)
     pipeline_root = run_dir / "kfp"
     (run_dir / "run.json").write_text(json.dumps(
         {k: v for k, v in args.items() if k != "params_yaml"}, indent=2, sort_keys=True) + "\n")
     (run_dir / "params.yaml").write_text(params.read_text(encoding="utf-8"), encoding="utf-8")
     print(f"rlhf run: profile {profile}, data {data_hash[:8] or '?'} ({raw}), "
-          f"run directory {run_dir}", file=out, flush=True)
+          f"run directory {run_dir}" + (f", image {image}" if containers else ""), file=out, flush=True)
 
     from kfp import local
 
     _patch_oneof()
-    pipeline = dag.make_pipeline(params_yaml=args["params_yaml"], retries=False, gpu_device=None,
-                                  record_images=False)
+    pipeline = dag.make_pipeline(image, image, params_yaml=args["params_yaml"], retries=False, gpu_device=None,
+                                 record_images=False)
     console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
     env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "RLHF_LOCAL_RUN", "OMP_NUM_THREADS",
                                                "MKL_NUM_THREADS")}
@@ -244,15 +414,21 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
         print(f"rlhf run: {note}", file=out, flush=True)
     t0 = time.perf_counter()
     result = RunResult(run_dir=run_dir, status="failed", seconds=0.0)
-    stopper = StopOnSignal(console)
+    stopper = StopOnSignal(console, stop=(lambda: _stop_containers(docker_client, run_dir)) if containers else None)
     os.environ["RLHF_LOCAL_RUN"] = str(os.getpid())  # steps stop when this process is gone (rlhf.process)
+    display_uri = tracking.display_uri()
     try:
-        with tracking.pipeline_run(f"local-{run_dir.name}", name=f"pipeline {run_dir.name}",
-                                   tags={"run_dir": str(run_dir), "runner": "kfp-local"}) as prun:
+        with contextlib.ExitStack() as stack:
+            mounts = stack.enter_context(_loopback_mlflow(run_dir)) if containers else []
+            prun = stack.enter_context(tracking.pipeline_run(
+                f"local-{run_dir.name}", name=f"pipeline {run_dir.name}",
+                tags={"run_dir": str(run_dir), "runner": "kfp-docker" if containers else "kfp-local",
+                      **({"image": image} if containers else {})}))
             if prun.run_id:
-                result.mlflow_run_id, result.tracking_uri = prun.run_id, tracking.display_uri()
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-                       raise_on_error=False)
+                result.mlflow_run_id, result.tracking_uri = prun.run_id, display_uri
+            runner = (_docker_runner(image, run_dir, pipeline_root, raw, mounts) if containers
+                      else local.SubprocessRunner(use_venv=False))
+            local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=False)
             try:
                 with captured(console), stopper:
                     pipeline(**args)
@@ -282,6 +458,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
         result.error = err.one_line()
         raise err from None
     finally:
+        if docker_client is not None:
+            _stop_containers(docker_client, run_dir)  # none left after an interrupted or failed run
         for k, v in env_keep.items():
             if v is None:
                 os.environ.pop(k, None)
