@@ -248,7 +248,7 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
 
     # rlhf prepare on the pulled rows: every pair, with its annotator
     ds = tmp_path / "ds-pulled"
-    proc = run_cli("prepare", "--raw", str(out.parent), "--out", str(ds), "--params", str(tmp_path / "none.yaml"))
+    proc = run_cli("prepare", "--raw", str(out.parent), "--out", str(ds), cwd=tmp_path)  # no params.yaml there: the defaults
     assert proc.returncode == 0, proc.stderr
     prefs = pd.concat([pd.read_parquet(ds / "preferences" / f"{s}.parquet") for s in ("train", "eval")])
     got = sorted((r.annotator, r.prompt, r.chosen, r.rejected) for r in prefs.itertuples())
@@ -272,7 +272,7 @@ def test_round_trip_keeps_every_label_and_annotator(server, tmp_path):
                 server.url + path_q, headers={"Authorization": f"Token {ADMIN_TOKEN}"}), timeout=60) as r:
             export.write_bytes(r.read())
         ds2 = tmp_path / f"ds-{name}"
-        proc = run_cli("prepare", "--raw", str(export), "--out", str(ds2), "--params", str(tmp_path / "none.yaml"))
+        proc = run_cli("prepare", "--raw", str(export), "--out", str(ds2), cwd=tmp_path)  # no params.yaml there: the defaults
         assert proc.returncode == 0, proc.stderr
         prefs2 = pd.concat([pd.read_parquet(ds2 / "preferences" / f"{s}.parquet") for s in ("train", "eval")])
         got2 = sorted((r.annotator, r.prompt, r.chosen, r.rejected) for r in prefs2.itertuples())
@@ -318,7 +318,7 @@ def test_malformed_export_is_one_line(task, what, tmp_path):
     f = tmp_path / "export.json"
     f.write_text(json.dumps([_export_task([]), task]))
     out = tmp_path / "ds"
-    proc = run_cli("prepare", "--raw", str(f), "--out", str(out), "--params", str(tmp_path / "none.yaml"))
+    proc = run_cli("prepare", "--raw", str(f), "--out", str(out), cwd=tmp_path)  # no params.yaml there: the defaults
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and f"{f}:2" in line and what in line, line
