@@ -352,6 +352,7 @@ def postgres():
 def test_registry_over_http_with_postgres_backend(postgres, dataset, tmp_path, tracking_env):
     import mlflow
     import mlflow.transformers
+
     from rlhf.data.prepare import dataset_texts
 
     root = tmp_path / "server"
