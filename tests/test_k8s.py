@@ -47,7 +47,17 @@ CRD_KINDS = {
     ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),
     ("kubeflow.org/v1", "PyTorchJob"),
 }
-PIPELINE_LABELS = {"rlhf.io/pipeline-pod", "pipelines.kubeflow.org/v2_component"}
+#: object-store users: consumer -> (its Secret, its MinIO policy, the bucket ARNs it may touch)
+S3_USERS = {
+    "mlflow": ("rlhf-s3-mlflow", "rlhf-mlflow", {"arn:aws:s3:::mlflow", "arn:aws:s3:::mlflow/*"}),
+    "pipeline": ("rlhf-s3-pipeline", "rlhf-pipeline",
+                 {"arn:aws:s3:::dvc", "arn:aws:s3:::dvc/files/*", "arn:aws:s3:::dvc/runs/*"}),
+    "dvc-writer": ("rlhf-s3-dvc-writer", "rlhf-dvc-writer", {"arn:aws:s3:::dvc", "arn:aws:s3:::dvc/files/*"}),
+}
+S3_KEYS = {"RLHF_S3_ACCESS_KEY_ID", "RLHF_S3_SECRET_ACCESS_KEY"}
+ROOT_SECRET = "rlhf-minio-root"
+#: environment names KFP's launcher (same container as a step) or the AWS SDK read: never ours in a pipeline pod
+KFP_RESERVED_ENV = re.compile(r"^(AWS_|MINIO_|OBJECTSTORECONFIG_|MLPIPELINE_)")
 CONFIG_KEYS = {
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
@@ -150,19 +160,22 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
     raise AssertionError(f"{kind}/{name} not in the build")
 
 
-def referenced_secrets(docs: list[dict]) -> set[str]:
-    names = set()
-    for doc in docs:
-        for _, _, pod in pod_specs(doc):
-            for c in containers(pod):
-                for e in c.get("env", []):
-                    ref = e.get("valueFrom", {}).get("secretKeyRef")
-                    if ref:
-                        names.add(ref["name"])
-                for src in c.get("envFrom", []):
-                    if "secretRef" in src:
-                        names.add(src["secretRef"]["name"])
+def secret_refs(pod: dict) -> set[str]:
+    """Names of the Secrets a pod spec uses: env, envFrom and volumes."""
+    names = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    for c in containers(pod):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for src in c.get("envFrom", []):
+            if "secretRef" in src:
+                names.add(src["secretRef"]["name"])
     return names
+
+
+def referenced_secrets(docs: list[dict]) -> set[str]:
+    return {name for doc in docs for _, _, pod in pod_specs(doc) for name in secret_refs(pod)}
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -261,7 +274,9 @@ def test_expected_objects(builds):
         ("Role", "rlhf-pipeline"),
         ("RoleBinding", "rlhf-pipeline"),
         ("ResourceQuota", "rlhf-gpu"),
-        ("NetworkPolicy", "default-deny-ingress"),
+        ("NetworkPolicy", "default-deny"),
+        ("NetworkPolicy", "dns-egress"),
+        ("ConfigMap", "minio-policies"),
         ("TrainingRuntime", "rlhf-torch"),
     ]:
         find(docs, kind, name)
@@ -269,6 +284,8 @@ def test_expected_objects(builds):
     assert [p["port"] for p in find(docs, "Service", "mlflow")["spec"]["ports"]] == [5000]
     find(builds["dev"]["docs"], "CronJob", "rlhf-retrain")
     find(builds["prod+cronjob"]["docs"], "CronJob", "rlhf-retrain")
+    find(builds["pipeline-namespace"]["docs"], "NetworkPolicy", "rlhf-pipeline-pods")
+    find(builds["pipeline-namespace"]["docs"], "NetworkPolicy", "rlhf-pipeline-pods-kube-api")
 
 
 def test_postgres_and_minio_are_persistent(builds):
@@ -310,7 +327,11 @@ def test_mlflow_server(builds):
         "name": "rlhf-postgres",
         "key": "POSTGRES_PASSWORD",
     }
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "rlhf-storage"
+    # its own MinIO user, mapped onto the names boto3 reads (no KFP launcher runs in this pod)
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-s3-mlflow",
+                                                                         "key": "RLHF_S3_SECRET_ACCESS_KEY"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-s3-mlflow",
+                                                                     "key": "RLHF_S3_ACCESS_KEY_ID"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
@@ -372,18 +393,100 @@ def test_secrets_dev_generated_prod_out_of_band(builds):
     import base64
 
     dev = builds["dev"]["docs"]
-    storage = find(dev, "Secret", "rlhf-storage")["data"]
     postgres = find(dev, "Secret", "rlhf-postgres")["data"]
-    assert set(storage) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    root = find(dev, "Secret", ROOT_SECRET)["data"]
     assert set(postgres) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert base64.b64decode(storage[key]).decode().startswith("dev-only")
-    assert base64.b64decode(postgres["POSTGRES_PASSWORD"]).decode().startswith("dev-only")
+    assert set(root) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+    values = [base64.b64decode(v).decode() for v in [*root.values(), postgres["POSTGRES_PASSWORD"]]]
+    access_keys = {base64.b64decode(root["MINIO_ROOT_USER"]).decode()}
+    for secret, _, _ in S3_USERS.values():
+        data = {k: base64.b64decode(v).decode() for k, v in find(dev, "Secret", secret)["data"].items()}
+        assert set(data) == S3_KEYS, secret
+        # MinIO's limits: access key 3-20 characters, secret key 8-40
+        assert 3 <= len(data["RLHF_S3_ACCESS_KEY_ID"]) <= 20 and 8 <= len(data["RLHF_S3_SECRET_ACCESS_KEY"]) <= 40
+        access_keys.add(data["RLHF_S3_ACCESS_KEY_ID"])
+        values += data.values()
+    assert len(access_keys) == 1 + len(S3_USERS), "one MinIO user per consumer, none of them root"
+    assert all(v.startswith("dev-only") for v in values)
+    wanted = {"rlhf-postgres", ROOT_SECRET} | {s for s, _, _ in S3_USERS.values()}
     for name in ("prod", "prod+cronjob", "base"):
         docs = builds[name]["docs"]
         assert not [d for d in docs if d["kind"] == "Secret"], f"{name} must not carry secrets"
-        assert {"rlhf-storage", "rlhf-postgres"} <= referenced_secrets(docs)
-    assert referenced_secrets(dev) <= {"rlhf-storage", "rlhf-postgres", "rlhf-kfp"}
+        assert wanted <= referenced_secrets(docs), name
+    assert referenced_secrets(dev) <= wanted | {"rlhf-kfp"}
+    assert "rlhf-storage" not in builds["dev"]["text"] + builds["prod"]["text"], "the old shared root Secret"
+
+
+def test_root_credentials_only_in_minio_and_its_bootstrap_job(builds, all_workloads):
+    users = {where for doc in all_workloads for where, _, pod in pod_specs(doc) if ROOT_SECRET in secret_refs(pod)}
+    assert users == {"StatefulSet/minio", "Job/minio-buckets"}
+    for doc in all_workloads:
+        for where, _, pod in pod_specs(doc):
+            names = {e["name"] for c in containers(pod) for e in c.get("env", [])}
+            if where not in users:
+                assert not {n for n in names if n.startswith("MINIO_ROOT")}, where
+
+
+def test_each_consumer_gets_its_own_object_store_user(builds, all_workloads):
+    """Who mounts which object-store Secret; no pipeline pod carries a name KFP's launcher reads."""
+    docs = builds["prod+cronjob"]["docs"] + builds["dev"]["docs"]
+    uses = {}
+    for doc in docs + [d for f in job_template_files() for d in load_all(f.read_text())]:
+        for where, _, pod in pod_specs(doc):
+            uses[where] = secret_refs(pod) - {"rlhf-postgres", "rlhf-kfp"}
+    assert uses["Deployment/mlflow"] == {"rlhf-s3-mlflow"}
+    assert uses["Job/minio-buckets"] == {ROOT_SECRET} | {s for s, _, _ in S3_USERS.values()}
+    assert uses["StatefulSet/minio"] == {ROOT_SECRET}
+    assert uses["CronJob/rlhf-retrain"] == set(), "retrain compares and submits: no object store"
+    assert uses["Deployment/rlhf-feedback"] == set()
+    for where in ("TrainingRuntime/rlhf-torch/node", "PyTorchJob/rlhf-ppo/Master", "PyTorchJob/rlhf-ppo/Worker"):
+        assert uses[where] == {"rlhf-s3-pipeline"}, where
+    for doc in all_workloads:
+        for where, meta, pod in pod_specs(doc):
+            for c in containers(pod):
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    assert not (ref and ref["name"] == "mlpipeline-minio-artifact"), f"{where}: KFP's own Secret"
+                    if meta.get("labels", {}).get("rlhf.io/pipeline-pod") == "true" and ref:
+                        assert not KFP_RESERVED_ENV.match(e["name"]), f"{where}: {e['name']}"
+
+
+def test_object_store_policies(builds):
+    """The bucket policies: valid IAM JSON, each scoped to its consumer's bucket ARNs, least privilege."""
+    import json
+
+    cm = find(builds["prod"]["docs"], "ConfigMap", "minio-policies")["data"]
+    assert set(cm) == {f"{policy}.json" for _, policy, _ in S3_USERS.values()}
+    job = find(builds["prod"]["docs"], "Job", "minio-buckets")["spec"]["template"]["spec"]
+    script = job["containers"][0]["command"][-1]
+    loop = re.search(r"for consumer in ([a-z -]+); do", script)
+    assert loop and loop.group(1).split() == list(S3_USERS)
+    mounts = {m["mountPath"]: m["name"] for m in job["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in job["volumes"]}
+    assert volumes[mounts["/policies"]]["configMap"]["name"] == "minio-policies"
+    for cmd in ('mc admin policy create rlhf "rlhf-$consumer" "/policies/rlhf-$consumer.json"',
+                'mc admin user add rlhf "$user"', 'mc admin policy attach rlhf "rlhf-$consumer" --user "$user"'):
+        assert cmd in script, cmd
+    for consumer, (secret, policy, arns) in S3_USERS.items():
+        assert volumes[mounts[f"/users/{consumer}"]]["secret"]["secretName"] == secret
+        doc = json.loads(cm[f"{policy}.json"])
+        assert doc == json.loads((K8S / f"base/minio-policies/{policy}.json").read_text())
+        assert doc["Version"] == "2012-10-17"
+        resources, actions = set(), set()
+        for st in doc["Statement"]:
+            assert st["Effect"] == "Allow" and set(st) <= {"Sid", "Effect", "Action", "Resource"}, st
+            assert all(a.startswith("s3:") and "*" not in a for a in st["Action"]), st
+            resources |= set(st["Resource"])
+            actions |= {(a, r) for a in st["Action"] for r in st["Resource"]}
+            for r in st["Resource"]:  # bucket-level actions on the bucket ARN, object actions on keys
+                bucket_level = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
+                assert (set(st["Action"]) <= bucket_level) == ("/" not in r.removeprefix("arn:aws:s3:::")), st
+        assert resources == arns, f"{policy}: {resources}"
+        if consumer == "pipeline":  # reads data versions, writes only its scratch
+            assert ("s3:PutObject", "arn:aws:s3:::dvc/files/*") not in actions
+            assert ("s3:PutObject", "arn:aws:s3:::dvc/runs/*") in actions
+        if consumer == "dvc-writer":  # pushes; deleting (dvc gc) stays with the operator
+            assert not any(a == "s3:DeleteObject" for a, _ in actions)
 
 
 def test_images_pinned(builds, all_workloads):
@@ -463,25 +566,14 @@ def test_rbac_least_privilege(builds):
 
 
 def test_network_policies(builds):
-    docs = builds["prod"]["docs"]
-    deny = find(docs, "NetworkPolicy", "default-deny-ingress")["spec"]
-    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-
-    def peers(name):
-        spec = find(docs, "NetworkPolicy", name)["spec"]
-        return [p for rule in spec["ingress"] for p in rule["from"]]
-
-    pg = peers("postgres-from-mlflow")
-    assert pg == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
-    mlflow = peers("mlflow-from-pipelines")
-    labels = {k for p in mlflow for k in p.get("podSelector", {}).get("matchLabels", {})}
-    assert labels == PIPELINE_LABELS
-    assert any("namespaceSelector" in p and "podSelector" not in p for p in mlflow), "UI/ingress namespace"
-    minio = peers("minio-from-clients")
-    names = {p["podSelector"]["matchLabels"].get("app.kubernetes.io/name") for p in minio}
-    assert {"mlflow", "minio-buckets"} <= names
-    assert {k for p in minio for k in p["podSelector"]["matchLabels"]} >= PIPELINE_LABELS
-    # Pods the policies name carry the labels.
+    """Structure (the reachability matrix is tests/test_k8s_reachability.py): every policy selects pods that
+    exist, and names the ports they listen on."""
+    docs = builds["dev"]["docs"]
+    pods = [meta.get("labels", {}) for d in docs for _, meta, _ in pod_specs(d)]
+    for pol in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        selector = pol["spec"]["podSelector"].get("matchLabels", {})
+        assert any(selector.items() <= labels.items() for labels in pods) or selector == {
+            "rlhf.io/pipeline-pod": "true"}, f"{pol['metadata']['name']} selects no pod"
     mlflow_pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["metadata"]
     assert mlflow_pod["labels"]["app.kubernetes.io/name"] == "mlflow"
 

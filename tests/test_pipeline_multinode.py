@@ -105,7 +105,7 @@ def test_every_trainjob_we_build_passes_the_trainer_crd(variant, monkeypatch):
 
 def test_trainjob_reaches_the_pods_through_trainer_and_runtime_patches(monkeypatch):
     monkeypatch.setenv("KFP_RUN_ID", "5f2c1d0e")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "must-not-leak")
+    monkeypatch.setenv("RLHF_S3_SECRET_ACCESS_KEY", "must-not-leak")
     job = mn.build_trainjob(**spec_kwargs(active_deadline_s=3600))
     runtime = load("k8s/components/trainer-runtime/trainingruntime.yaml")
     assert job["spec"]["runtimeRef"] == {"name": runtime["metadata"]["name"],
@@ -134,8 +134,8 @@ def test_trainjob_reaches_the_pods_through_trainer_and_runtime_patches(monkeypat
     # env: ConfigMap/Secret by reference (keys and the runtime's envFrom), lineage forwarded, no values
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "rlhf-config"
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-storage",
-                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["RLHF_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-s3-pipeline",
+                                                                             "key": "RLHF_S3_SECRET_ACCESS_KEY"}
     assert {"configMapRef": {"name": "rlhf-config"}} in c["envFrom"]
     assert env["KFP_RUN_ID"]["value"] == "5f2c1d0e" and env["HOME"]["value"] == "/tmp"
     assert not set(env) & set(mn.TORCH_RESERVED_ENV)

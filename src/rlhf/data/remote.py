@@ -4,6 +4,13 @@
   layout ``files/md5/<2>/<30>[.dir]``), every file's md5 checked;
 * :func:`resolve_raw`: prepare's raw input: a local path, a URL of a directory, or a DVC version;
 * :func:`copy_tree`: a directory between local paths and object storage (multi-node jobs).
+
+Credentials on a cluster: the Secret :data:`S3_SECRET` (MinIO user ``rlhf-pipeline``: read
+``s3://dvc/files``, read-write ``s3://dvc/runs``) reaches the pod as :data:`S3_KEY_ENV`, and
+:func:`_dvc_remote_fs` hands them to s3fs itself. They are deliberately not ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``: KFP's launcher runs in the same container and its S3 client takes those
+from the environment (AWS SDK default chain) for KFP's own artifact store. Without them set (a
+laptop) s3fs uses its usual chain (``AWS_*``, ``~/.aws``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ from rlhf.errors import ConfigError, UserError
 
 log = logging.getLogger("rlhf")
 
+#: the Kubernetes Secret of the pipeline's object-store user (k8s/base: MinIO user rlhf-pipeline)
+S3_SECRET = "rlhf-s3-pipeline"
+#: its keys, used as the environment variable names too (never the AWS SDK's or KFP's names)
+S3_ACCESS_KEY_ENV = "RLHF_S3_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "RLHF_S3_SECRET_ACCESS_KEY"
+S3_KEY_ENV = (S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV)
 
 
 def _dvc_remote_fs(remote: str):
@@ -31,6 +44,9 @@ def _dvc_remote_fs(remote: str):
     proto = remote.split("://", 1)[0] if "://" in remote else "file"
     if proto == "minio":
         proto = "s3"
+    key, secret = os.environ.get(S3_ACCESS_KEY_ENV), os.environ.get(S3_SECRET_KEY_ENV)
+    if proto == "s3" and key and secret:
+        opts.update(key=key, secret=secret)
     return fsspec.filesystem(proto, **opts), remote.split("://", 1)[-1].rstrip("/")
 
 

@@ -11,8 +11,9 @@ parameters (:data:`RUN_PARAMETERS`, :data:`RESOURCE_PARAMETERS` and the config k
 :data:`rlhf.config.resolve.KNOBS`) and wires the DAG (:func:`make_pipeline`).
 
 Per task, from the stage table: display name, CPU/memory requests, timeout, caching, retries; and
-for every task the ``rlhf-config`` ConfigMap and the ``rlhf-storage`` Secret as environment (MLflow
-URI, DVC remote, S3 credentials: never literals). GPU tasks (sft, reward, ppo, evaluate):
+for every task the ``rlhf-config`` ConfigMap and the ``rlhf-s3-pipeline`` Secret as environment (MLflow
+URI, DVC remote, the pipeline's own MinIO user under names KFP's launcher does not read: never literals;
+:mod:`rlhf.data.remote`) and the pod label ``rlhf.io/pipeline-pod`` the NetworkPolicies admit. GPU tasks (sft, reward, ppo, evaluate):
 accelerator type and limit from pipeline parameters, the GPU node selector and toleration (pipeline
 parameters, passed as JSON to kfp-kubernetes), ``/dev/shm`` as a memory-backed emptyDir, and
 ``RLHF_DEVICE=cuda``: a GPU step that sees no GPU stops at once (:func:`rlhf.pipeline.steps.check_device`).
@@ -43,6 +44,7 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from rlhf.config.resolve import KNOBS, cluster_profile, knobs_for, params_text, parse_yaml
+from rlhf.data.remote import S3_KEY_ENV, S3_SECRET
 from rlhf.pipeline import components as generated
 from rlhf.pipeline import exit_task
 from rlhf.pipeline.stages import Stage, stage
@@ -51,12 +53,15 @@ PIPELINE_NAME = "rlhf"
 DEFAULT_IMAGE = "ghcr.io/rlhf-project/rlhf:0.1.0"
 DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + "-cuda"
 CONFIG_MAP = "rlhf-config"
-STORAGE_SECRET = "rlhf-storage"
-CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "DVC_REMOTE_URL",
-                   "DVC_REMOTE_ENDPOINT_URL", "RLHF_TRAINING_NAMESPACE")
-SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+STORAGE_SECRET = S3_SECRET
+#: no AWS_* name: KFP's launcher in the same container reads those for its own artifact store
+CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT_URL",
+                   "RLHF_TRAINING_NAMESPACE")
+SECRET_KEYS = S3_KEY_ENV
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+#: the pod label of our pipeline's pods, the only one the NetworkPolicies admit (k8s/base/networkpolicies.yaml);
+#: never KFP's pipelines.kubeflow.org/v2_component, which every pipeline's pods carry
 POD_LABEL = ("rlhf.io/pipeline-pod", "true")
 #: the pod label KFP puts on every pod of a run (``util.LabelKeyWorkflowRunId``): the run id of a cached step
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"

@@ -62,6 +62,8 @@ from typing import Any
 
 import yaml
 
+from rlhf.data.remote import S3_KEY_ENV, S3_SECRET
+
 log = logging.getLogger("rlhf")
 
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
@@ -74,10 +76,10 @@ TRAINER_NODE = "node"
 PATCH_MANAGER = "rlhf.io/launcher"
 SERVICE_ACCOUNT = "rlhf-pipeline"
 CONFIG_MAP = "rlhf-config"
-STORAGE_SECRET = "rlhf-storage"
+STORAGE_SECRET = S3_SECRET
 CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "DVC_REMOTE_URL",
                    "DVC_REMOTE_ENDPOINT_URL")
-SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRET_KEYS = S3_KEY_ENV
 #: the launcher's own environment that the job's pods inherit (lineage and tracking settings)
 FORWARDED_ENV = ("KFP_RUN_ID", "RLHF_PARENT_RUN_ID", "RLHF_PIPELINE_RUN_ID", "RLHF_DATA_HASH", "RLHF_GIT_COMMIT", "RLHF_TRACKING",
                  "MLFLOW_EXPERIMENT_NAME", "RLHF_LOG_LEVEL")
