@@ -207,6 +207,71 @@ def models_champion_path_cmd(params: Path | None = STAGE_PARAMS, name: str | Non
 
 
 
+# ---------------------------------------------------------------------------- backups of MLflow's stores
+
+backup_app = typer.Typer(no_args_is_help=True, help="Back up and restore MLflow's database and artifact store "
+                         "(docs/deploy.md, Backup and restore).")
+app.add_typer(backup_app, name="backup")
+BACKEND_URI = typer.Option(None, "--backend-uri", envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=False,
+                           help="MLflow's database: postgresql://USER@HOST:PORT/DB (password: $PGPASSWORD) or "
+                                "sqlite:///FILE (default: $MLFLOW_BACKEND_STORE_URI, else a database "
+                                "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
+ARTIFACTS_URI = typer.Option(None, "--artifacts-uri", envvar="MLFLOW_ARTIFACTS_DESTINATION", show_envvar=False,
+                             help="the artifact store: s3://BUCKET or s3://BUCKET/PREFIX (endpoint: $MLFLOW_S3_ENDPOINT_URL) "
+                                  "or a directory (default: $MLFLOW_ARTIFACTS_DESTINATION; ./mlruns with SQLite)")
+PG_BIN = typer.Option(None, "--pg-bin", envvar="RLHF_PG_BIN", show_envvar=False,
+                      help="directory of pg_dump / pg_restore / psql (default: PATH, /usr/lib/postgresql/*/bin)")
+BACKUP_TIMEOUT = typer.Option(3600.0, "--timeout", help="seconds pg_dump / pg_restore may take")
+
+
+@backup_app.command("create")
+def backup_create_cmd(out: Path | None = typer.Option(None, "--out", help="new (or empty) directory to write"),
+                      into: Path | None = typer.Option(None, "--into", help="write DIR/mlflow-<UTC time> instead"),
+                      keep: int | None = typer.Option(None, "--keep", min=1, help="with --into: keep only the "
+                                                      "newest N backups there"),
+                      backend_uri: str | None = BACKEND_URI, artifacts_uri: str | None = ARTIFACTS_URI,
+                      pg_bin: str | None = PG_BIN, timeout: float = BACKUP_TIMEOUT):
+    """Dump MLflow's database and copy its artifacts into a directory with a hashed manifest."""
+    from rlhf.mlops import backup
+
+    if (out is None) == (into is None):
+        raise UserError("give one of --out DIR and --into DIR", where="rlhf backup create")
+    if keep is not None and into is None:
+        raise UserError("--keep needs --into", where="rlhf backup create")
+    if out is not None:
+        manifest, deleted = backup.backup(out, backend_uri, artifacts_uri, pg_bin=pg_bin, timeout=timeout), []
+    else:
+        out, manifest, deleted = backup.backup_into(into, backend_uri, artifacts_uri, keep=keep, pg_bin=pg_bin,
+                                                    timeout=timeout)
+    typer.echo(f"backup written to {out}: {backup.describe(manifest)}")
+    for p in deleted:
+        typer.echo(f"deleted old backup {p}")
+
+
+@backup_app.command("verify")
+def backup_verify_cmd(directory: Path = typer.Argument(..., help="a directory written by `rlhf backup create`")):
+    """Check every file of a backup against its manifest's sha256."""
+    from rlhf.mlops import backup
+
+    typer.echo(f"backup {directory} is intact: {backup.describe(backup.verify(directory))}")
+
+
+@backup_app.command("restore")
+def backup_restore_cmd(directory: Path = typer.Argument(..., help="a directory written by `rlhf backup create`"),
+                       backend_uri: str | None = BACKEND_URI, artifacts_uri: str | None = ARTIFACTS_URI,
+                       force: bool = typer.Option(False, "--force", help="replace a database / artifact store "
+                                                  "that already holds MLflow data"),
+                       pg_bin: str | None = PG_BIN, timeout: float = BACKUP_TIMEOUT):
+    """Restore a backup (stop the MLflow server first); checks the hashes before writing anything."""
+    from rlhf.mlops import backup
+
+    r = backup.restore(directory, backend_uri, artifacts_uri, force=force, pg_bin=pg_bin, timeout=timeout)
+    typer.echo(f"restored {directory} into {r['backend']} and {r['artifacts']}: {r['runs']} run(s), "
+               f"{r['registered_models']} registered model(s), {r['model_versions']} version(s), "
+               f"{r['files']} artifact file(s)")
+
+
+
 # ---------------------------------------------------------------------------- the human feedback loop
 
 from rlhf.feedback.commands import app as feedback_app  # noqa: E402
