@@ -107,6 +107,9 @@ def validate(path: Path) -> subprocess.CompletedProcess:
     return run(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(path))
 
 
+RESTORE_JOB = K8S / "backup-restore/restore-job.yaml"  # applied by hand (docs/deploy.md, Backup and restore)
+
+
 def job_template_files() -> list[Path]:
     return sorted((K8S / "jobs").glob("*.yaml"))
 
@@ -218,6 +221,7 @@ def all_workloads(builds) -> list[dict]:
     docs = [d for b in builds.values() for d in b["docs"]]
     for f in job_template_files():
         docs += load_all(f.read_text())
+    docs += load_all(RESTORE_JOB.read_text())
     return docs
 
 
@@ -611,6 +615,42 @@ def test_retrain_cronjob(builds):
                                                                       "key": "RLHF_DATA_HASH", "optional": True}
     prod = find(builds["prod+cronjob"]["docs"], "CronJob", "rlhf-retrain")
     assert not prod["spec"].get("suspend")
+
+
+def test_backup_cronjob_and_restore_job(builds):
+    env_of = lambda c: {e["name"]: e.get("value") or e["valueFrom"] for e in c["env"]}  # noqa: E731
+    for name in ("base", "dev", "prod"):
+        docs = builds[name]["docs"]
+        cron = find(docs, "CronJob", "rlhf-backup")
+        assert cron["spec"]["concurrencyPolicy"] == "Forbid" and not cron["spec"].get("suspend")
+        pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["command"] + c["args"][:4] == ["rlhf", "backup", "create", "--into", "/backups"]
+        env = env_of(c)
+        # the password only from the Secret, through libpq's PGPASSWORD; the URI carries none
+        assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "rlhf-postgres", "key": "POSTGRES_PASSWORD"}}
+        assert env["MLFLOW_BACKEND_STORE_URI"] == \
+            "postgresql://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/mlflow"
+        assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "rlhf-storage"
+        assert env["MLFLOW_ARTIFACTS_DESTINATION"]["configMapKeyRef"]["key"] == "MLFLOW_ARTIFACT_BUCKET"
+        claim = next(v for v in pod["volumes"] if v["name"] == "backups")["persistentVolumeClaim"]["claimName"]
+        pvc = find(docs, "PersistentVolumeClaim", claim)
+        assert pvc["spec"]["resources"]["requests"]["storage"] == {"dev": "2Gi"}.get(name, "20Gi")
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/backups", "/tmp"}
+    # the restore Job: the same pod as the CronJob's, restoring instead, the volume read-only
+    (job,) = load_all(RESTORE_JOB.read_text())
+    assert validate(RESTORE_JOB).returncode == 0
+    pod = job["spec"]["template"]["spec"]
+    cron_pod = find(builds["base"]["docs"], "CronJob", "rlhf-backup")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,), (cc,) = pod["containers"], cron_pod["containers"]
+    assert c["args"] == ["backup", "restore", "/backups/BACKUP_NAME"] and env_of(c) == env_of(cc)
+    assert c["image"] == cc["image"] and pod["securityContext"] == cron_pod["securityContext"]
+    assert all(v.get("persistentVolumeClaim", {}).get("readOnly", True) for v in pod["volumes"])
+    # the backup image's pg_dump is the PostgreSQL server's major version (an older one refuses to dump)
+    server = find(builds["base"]["docs"], "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]
+    base = re.search(r"^FROM (postgres:\S+) AS backup$", (ROOT / "components/Dockerfile").read_text(), re.M)
+    assert base and base.group(1) == server["image"]
+    assert cc["image"].endswith("-pg" + server["image"].split(":")[1].split(".")[0])
 
 
 # ---------------------------------------------------------------------------- CRD templates
