@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import glob
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -96,13 +97,13 @@ class Artifacts:
     default: bool = False  # ./mlruns, not given by the user
 
 
-def parse_backend(uri: str) -> Backend:
+def parse_backend(uri: str, where: str = "--backend-uri") -> Backend:
     """A MLflow backend store URI (``postgresql[+driver]://`` or ``sqlite:///``) -> :class:`Backend`."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme == "sqlite":
         rest = uri.split("://", 1)[1]
         if not rest.startswith("/") or rest in ("/", "/:memory:"):
-            raise UserError(f"backend store {uri} is not a SQLite file", where="--backend-uri",
+            raise UserError(f"backend store {uri} is not a SQLite file", where=where,
                             hint="use sqlite:////absolute/path/mlflow.db or sqlite:///relative.db")
         return Backend("sqlite", uri, path=Path(rest[1:]).expanduser().absolute())
     if scheme in ("postgresql", "postgres"):
@@ -112,7 +113,7 @@ def parse_backend(uri: str) -> Backend:
         try:
             port = parts.port
         except ValueError:
-            raise UserError(f"backend store {redact_value(uri)} has a bad port", where="--backend-uri") from None
+            raise UserError(f"backend store {redact_value(uri)} has a bad port", where=where) from None
         if parts.hostname:
             env["PGHOST"] = parts.hostname
         if port:
@@ -123,18 +124,18 @@ def parse_backend(uri: str) -> Backend:
             env["PGPASSWORD"] = urllib.parse.unquote(parts.password)
         db = urllib.parse.unquote(parts.path.lstrip("/"))
         if not db:
-            raise UserError(f"backend store {redact_value(uri)} names no database", where="--backend-uri",
-                            hint="postgresql://USER@HOST:PORT/DATABASE (password in PGPASSWORD)")
+            raise UserError(f"backend store {redact_value(uri)} names no database", where=where,
+                            hint="postgresql://USER@HOST:PORT/DATABASE, the password in PGPASSWORD")
         env["PGDATABASE"] = db
         for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
             if key not in _PG_QUERY_ENV:
                 raise UserError(f"backend store URI parameter '{key}' is not supported here",
-                                where="--backend-uri", hint="supported: " + ", ".join(sorted(_PG_QUERY_ENV)))
+                                where=where, hint="supported: " + ", ".join(sorted(_PG_QUERY_ENV)))
             env[_PG_QUERY_ENV[key]] = values[-1]
         return Backend("postgresql", uri, env=env)
-    raise UserError(f"cannot back up the backend store {redact_value(uri)}", where="--backend-uri",
-                    hint="give the database MLflow uses: postgresql://USER@HOST:PORT/DB or sqlite:///FILE "
-                         "(an http:// tracking server is not a store: back up its database)")
+    raise UserError(f"cannot back up the backend store {redact_value(uri)}", where=where,
+                    hint="give the database MLflow uses, postgresql://USER@HOST:PORT/DB or sqlite:///FILE, with "
+                         "--backend-uri or $MLFLOW_BACKEND_STORE_URI; a tracking server's URL is not a store")
 
 
 def parse_artifacts(uri: str) -> Artifacts:
@@ -157,13 +158,18 @@ def resolve_stores(backend_uri: str | None, artifacts_uri: str | None) -> tuple[
     else a database ``$MLFLOW_TRACKING_URI``, else what ``rlhf run`` uses (``./mlflow.db`` and ``./mlruns``)."""
     from rlhf.mlops import tracking
 
-    uri = backend_uri or os.environ.get(ENV_BACKEND) or tracking.tracking_uri()
-    backend = parse_backend(uri)
+    if backend_uri:
+        uri, where = backend_uri, "--backend-uri"
+    elif os.environ.get(ENV_BACKEND):
+        uri, where = os.environ[ENV_BACKEND], f"${ENV_BACKEND}"
+    else:
+        uri, where = tracking.tracking_uri(), "$MLFLOW_TRACKING_URI"
+    backend = parse_backend(uri, where)
     art = artifacts_uri or os.environ.get(ENV_ARTIFACTS)
     if not art:
         if backend.kind != "sqlite":
             raise UserError("no artifact store given", where="--artifacts-uri",
-                            hint=f"give the server's artifact root (s3://mlflow) or set ${ENV_ARTIFACTS}")
+                            hint=f"give the server's artifact root, e.g. s3://mlflow, or set ${ENV_ARTIFACTS}")
         return backend, Artifacts("local", "./mlruns", path=Path("mlruns").absolute(), default=True)
     return backend, parse_artifacts(art)
 
@@ -202,7 +208,7 @@ def _pg_failure(tool: str, backend: Backend, stderr: str) -> UserError:
     if any(s in low for s in ("could not connect", "connection refused", "timeout expired",
                               "could not translate host name", "no route to host", "connection timed out")):
         return UserError(f"{tool}: cannot reach PostgreSQL at {backend.where} "
-                         f"(gave up after {backend.env.get('PGCONNECT_TIMEOUT', CONNECT_TIMEOUT_S)} s)",
+                         f"(connect timeout {backend.env.get('PGCONNECT_TIMEOUT', CONNECT_TIMEOUT_S)} s)",
                          hint="is the server up, and are host and port right?")
     if "does not exist" in low and "database" in low:
         return UserError(f"{tool}: database {backend.env.get('PGDATABASE')} does not exist at {backend.where}",
@@ -286,6 +292,7 @@ def _s3_client():
         from botocore.config import Config
     except ImportError:
         raise UserError("an s3:// artifact store needs boto3", hint="pip install boto3") from None
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." on every run
     return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
                         config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=60,
                                       retries={"max_attempts": 3, "mode": "standard"}))
