@@ -614,7 +614,11 @@ def restore(src: str | Path, backend_uri: str | None = None, artifact_uri: str |
             bsrc.close()
     prefix = manifest["artifacts"]["dir"] + "/"
     files = [k[len(prefix):] for k in manifest["files"] if k.startswith(prefix)]
-    _copy_artifacts_in(src / manifest["artifacts"]["dir"], files, art)
+    try:
+        _copy_artifacts_in(src / manifest["artifacts"]["dir"], files, art)
+    except UserError as e:
+        raise UserError(e.what, where=e.where, hint=(e.hint + "; " if e.hint else "") + "the database is restored "
+                        "already: fix this, then run the restore again with --force") from None
     now = store_summary(backend, pg_bin=pg_bin)
     differs = [k for k in ("schema_revision", *COUNTED) if b.get(k) is not None and now.get(k) != b.get(k)]
     if differs:
