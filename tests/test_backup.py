@@ -267,16 +267,13 @@ def test_postgres_and_s3_backup_wipe_restore(pg_cluster, s3_server, tmp_path, mo
 # ----------------------------------------------------------------------------- SQLite + ./mlruns
 
 
-def test_sqlite_and_local_artifacts_backup_wipe_restore(tmp_path):
+def test_sqlite_and_local_artifacts_backup_wipe_restore(tmp_path, monkeypatch):
     work = tmp_path / "project"
     work.mkdir()
     env = _clean_env()  # rlhf's defaults: ./mlflow.db and ./mlruns
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    os.chdir(work)  # MLflow puts a SQLite store's artifacts in ./mlruns of the working directory
-    try:
-        rid = populate(uri, None, FILES, tmp_path)
-    finally:
-        os.chdir(tmp_path)
+    monkeypatch.chdir(work)  # MLflow puts a SQLite store's artifacts in ./mlruns of the working directory
+    rid = populate(uri, None, FILES, tmp_path)
     denv = {**env, "MLFLOW_TRACKING_URI": uri}
     before = models_list(env, work)
     assert "champion" in before

@@ -350,6 +350,7 @@ def _copy_artifacts_out(art: Artifacts, dest: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, target)
         return
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = _s3_client()
@@ -359,7 +360,7 @@ def _copy_artifacts_out(art: Artifacts, dest: Path) -> None:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(art.bucket, key, str(target))
-    except (BotoCoreError, ClientError) as e:
+    except (BotoCoreError, ClientError, Boto3Error) as e:  # Boto3Error: S3Upload/TransferFailed
         raise _s3_failure(e, art) from None
 
 
@@ -369,13 +370,14 @@ def _artifacts_in_use(art: Artifacts) -> str | None:
             raise UserError(f"artifact store {art.path} is a file, not a directory", where="--artifacts-uri")
         n = sum(1 for p in art.path.rglob("*") if p.is_file()) if art.path.is_dir() else 0
         return f"{n} file(s) in {art.path}" if n else None
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = _s3_client()
     try:
         client.head_bucket(Bucket=art.bucket)
         page = client.list_objects_v2(Bucket=art.bucket, Prefix=f"{art.prefix}/" if art.prefix else "", MaxKeys=1)
-    except (BotoCoreError, ClientError) as e:
+    except (BotoCoreError, ClientError, Boto3Error) as e:  # Boto3Error: S3Upload/TransferFailed
         raise _s3_failure(e, art) from None
     return f"objects under {art.uri}" if page.get("KeyCount") else None
 
@@ -387,6 +389,7 @@ def _copy_artifacts_in(src: Path, files: list[str], art: Artifacts) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / rel, target)
         return
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = _s3_client()
@@ -394,7 +397,7 @@ def _copy_artifacts_in(src: Path, files: list[str], art: Artifacts) -> None:
         for rel in files:
             key = f"{art.prefix}/{_safe_rel(rel)}" if art.prefix else _safe_rel(rel)
             client.upload_file(str(src / rel), art.bucket, key)
-    except (BotoCoreError, ClientError) as e:
+    except (BotoCoreError, ClientError, Boto3Error) as e:  # Boto3Error: S3Upload/TransferFailed
         raise _s3_failure(e, art) from None
 
 
