@@ -631,7 +631,7 @@ def test_backup_cronjob_and_restore_job(builds):
         assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "rlhf-postgres", "key": "POSTGRES_PASSWORD"}}
         assert env["MLFLOW_BACKEND_STORE_URI"] == \
             "postgresql://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/mlflow"
-        assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "rlhf-storage"
+        assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "rlhf-s3-mlflow"
         assert env["MLFLOW_ARTIFACTS_DESTINATION"]["configMapKeyRef"]["key"] == "MLFLOW_ARTIFACT_BUCKET"
         claim = next(v for v in pod["volumes"] if v["name"] == "backups")["persistentVolumeClaim"]["claimName"]
         pvc = find(docs, "PersistentVolumeClaim", claim)

@@ -161,7 +161,7 @@ class World:
 
 
 def short_name(doc: dict, meta: dict) -> str:
-    return {"rlhf-feedback": "feedback", "rlhf-retrain": "retrain"}.get(
+    return {"rlhf-feedback": "feedback", "rlhf-retrain": "retrain", "rlhf-backup": "backup"}.get(
         meta.get("labels", {}).get("app.kubernetes.io/name", ""),
         meta.get("labels", {}).get("app.kubernetes.io/name") or f"{doc['kind']}/{doc['metadata']['name']}")
 
@@ -247,6 +247,7 @@ def expected(world: World) -> dict[str, set[str]]:
         "minio-buckets": {"minio:9000", DNS},
         "feedback": {DNS},
         "retrain": {"mlflow:5000", "kfp-api:8888", DNS},
+        "backup": {"postgres:5432", "minio:9000", DNS},
         "trainer-node-0": {"mlflow:5000", "minio:9000", "trainer-node-1:29500", DNS},
         "trainer-node-1": {"mlflow:5000", "minio:9000", DNS},
         "our-kfp-step": {"mlflow:5000", "minio:9000", "kfp-api:8888", "kfp-mlmd:8080", "kfp-minio:9000", DNS,
@@ -295,7 +296,7 @@ def test_reachability_matrix(worlds, overlay):
     assert "mlflow:5000" not in matrix["team-b/forged-label"], f"our label from another namespace\n{table}"
     assert "minio:9000" not in matrix["team-b/kfp-step"], f"a foreign tenant's KFP pod reaches MinIO\n{table}"
     assert "mlflow:5000" in matrix["our-kfp-step"], f"our pipeline cannot reach MLflow\n{table}"
-    assert {s for s, reach in matrix.items() if "postgres:5432" in reach} == {"mlflow"}, table
+    assert {s for s, reach in matrix.items() if "postgres:5432" in reach} == {"mlflow", "backup"}, table
     diff = {s: (sorted(matrix[s] - want[s]), sorted(want[s] - matrix[s])) for s in want if matrix[s] != want[s]}
     assert not diff, f"{overlay}: (allowed but not expected, expected but denied) per source: {diff}\n{table}"
 

@@ -304,7 +304,7 @@ def _s3_failure(e: Exception, art: Artifacts) -> UserError:
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
     if isinstance(e, be.NoCredentialsError):
         return UserError(f"no S3 credentials for {art.uri}",
-                         hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the Secret rlhf-storage)")
+                         hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (on the cluster: the Secret rlhf-s3-mlflow)")
     if isinstance(e, (be.EndpointConnectionError, be.ConnectTimeoutError, be.ReadTimeoutError)):
         return UserError(f"cannot reach the S3 endpoint {endpoint} for {art.uri}",
                          hint="is MinIO up, and is MLFLOW_S3_ENDPOINT_URL right?")
