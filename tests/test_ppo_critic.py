@@ -17,8 +17,14 @@ from rlhf.io import sha256_file
 from rlhf.ppo import critic as C
 from rlhf.ppo import loss as L
 from rlhf.ppo import train_ppo
-from rlhf.ppo.rollout import RewardNorm, RolloutSettings, compute_advantages, forward_logprobs, sample_responses, \
-    score_responses
+from rlhf.ppo.rollout import (
+    RewardNorm,
+    RolloutSettings,
+    compute_advantages,
+    forward_logprobs,
+    sample_responses,
+    score_responses,
+)
 from rlhf.ppo.trainer import check_config, critic_values, load_models, model_inputs, policy_outputs
 from rlhf.train import distributed as D
 from rlhf.train import models

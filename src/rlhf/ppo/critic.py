@@ -157,9 +157,10 @@ def add_critic_adapter(policy: nn.Module, model_cfg) -> None:
 class SharedValueModel(nn.Module):
     """``critic: shared``: a value head on the policy's own last hidden state.
 
-    In the update the head reads the hidden state of the policy's forward pass (:meth:`head_values`),
-    so one forward and one backward give both losses; ``forward`` (the rollout's values) runs the
-    policy's backbone for it.
+    In the update the head reads the hidden state of the policy's forward pass (``critic(hidden=h)``),
+    so one forward and one backward give both losses; ``critic(input_ids, attention_mask)`` (the
+    rollout's values) runs the policy's backbone for it. Called through its own DDP wrapper under
+    torchrun, so the head's gradient is all-reduced like the policy's.
     """
 
     def __init__(self, policy: nn.Module):
@@ -167,11 +168,11 @@ class SharedValueModel(nn.Module):
         self.head = value_head(policy)
         self._policy = [policy]
 
-    def head_values(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden is None:
+            hidden = _last_hidden(self._policy[0], input_ids, attention_mask)
         return self.head(hidden).squeeze(-1).float()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head_values(_last_hidden(self._policy[0], input_ids, attention_mask))
 
 
 # ----------------------------------------------------------------------------- building and parameters

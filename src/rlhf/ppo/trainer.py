@@ -209,7 +209,7 @@ def policy_outputs(policy, mb: dict[str, torch.Tensor], inputs, cfg: PPOConfig,
     ids, mask, q_len, r_len = inputs
     if shared_critic is not None:
         logits, hidden = generation.response_logits(policy, ids, mask, q_len, cfg.temperature, with_hidden=True)
-        out = {"values": unwrap(shared_critic).head_values(hidden)[:, q_len - 1 : -1]}
+        out = {"values": shared_critic(hidden=hidden)[:, q_len - 1 : -1]}
     else:
         logits, out = generation.response_logits(policy, ids, mask, q_len, cfg.temperature), {}
     tokens = mb["response_ids"][:, :r_len]
@@ -443,9 +443,10 @@ def check_config(cfg: PPOConfig, model_cfg: ModelConfig, info: D.DistInfo) -> No
         cfg.check_model(model_cfg)
     except ValueError as e:
         raise ConfigError(str(e), where="params.yaml ppo.critic") from None
-    if info.enabled and cfg.uses_critic and cfg.critic != "separate":
-        raise ConfigError(f"ppo.critic {cfg.critic} runs on one process only so far (its value head and "
-                          "adapter are not under DDP)", hint="use critic separate under torchrun")
+    if info.enabled and cfg.uses_critic and cfg.critic == "adapter":
+        raise ConfigError("ppo.critic adapter runs on one process only so far (its LoRA weights live in the "
+                          "policy module, which DDP would all-reduce in the policy's backward)",
+                          hint="use critic separate or shared under torchrun")
 
 
 def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: ModelConfig,
