@@ -55,7 +55,7 @@ def _perturb(policy, critic, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in policy.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n and p.requires_grad:  # the trained adapters (not a frozen reward adapter)
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
         for p in critic.head.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
@@ -168,3 +168,79 @@ def test_adapter_critic_resumes_bit_identically(dataset, sft_model, reward_model
     assert any(".critic." in n for n in names) and any(".default." in n for n in names)  # both adapters saved
     policy, _ = models.load_policy(tmp_path / "ppo", tiny_cfg, for_training=False)  # a plain merged policy
     assert not hasattr(policy, "peft_config")
+
+
+# ----------------------------------------------------------------------------- ppo.reward adapter
+
+
+@pytest.fixture(scope="module")
+def lora_reward_model(dataset, sft_model, tiny_cfg, tmp_path_factory):
+    """A reward model trained with LoRA on the session's SFT policy, its adapter saved beside the merged model."""
+    from rlhf.config import RewardConfig
+    from rlhf.train.reward import train_reward
+
+    out = tmp_path_factory.mktemp("rm-lora") / "reward"
+    train_reward(dataset, sft_model, out, RewardConfig(max_steps=30, batch_size=16, lr=1e-3, eval_max_rows=32,
+                                                       gold_pairs=16, save_adapter=True), _lora(tiny_cfg))
+    assert (out / "adapter" / models.ADAPTER_CONFIG).is_file() and (out / "model.safetensors").is_file()
+    return out
+
+
+def test_reward_adapter_scores_like_the_merged_reward_model(sft_model, lora_reward_model, tiny_cfg, prompts):
+    from rlhf.ppo.reward_adapter import REWARD_ADAPTER, RewardAdapterModel
+    from rlhf.ppo.rollout import score_rollout
+
+    cfg = PPOConfig(max_new_tokens=16, critic="adapter", reward="adapter")
+    policy, ref, critic, rm, tok, _ = load_models(sft_model, lora_reward_model, cfg, _lora(tiny_cfg), RewardNorm())
+    assert isinstance(rm, RewardAdapterModel) and ref is None
+    assert set(policy.peft_config) == {"default", C.CRITIC_ADAPTER, REWARD_ADAPTER}  # one base, three adapters
+    reward_params = [p for n, p in policy.named_parameters() if f".{REWARD_ADAPTER}." in n]
+    assert reward_params and not any(p.requires_grad for p in reward_params)  # frozen
+    trained = {id(p) for p in C.policy_parameters(policy, critic) + C.critic_parameters(critic)}
+    assert not any(id(p) in trained for p in reward_params)
+    _perturb(policy, critic)
+    torch.manual_seed(0)
+    samples = sample_responses(policy, None, critic, tok, prompts, _settings(cfg))
+    got = score_rollout(rm, samples.rollout, forward_batch_size=3)
+    merged, _ = models.load_reward_model(lora_reward_model, tiny_cfg.model_copy(update={"device": "cpu"}),
+                                         for_training=False)
+    expect = score_rollout(merged, samples.rollout, forward_batch_size=3)
+    assert torch.allclose(got, expect, atol=1e-4) and got.std() > 0
+    # scoring leaves the policy the policy, its adapters trainable and the reward adapter frozen
+    ro = samples.rollout
+    again, _ = forward_logprobs(policy, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
+                                cfg.temperature, 3)
+    assert torch.equal(again, samples.logprobs) and policy.active_adapter == "default"
+    assert not any(p.requires_grad for p in reward_params)
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".default." in n or ".critic." in n)
+    # the reference is still the base with every adapter off
+    sft, _ = models.load_policy(sft_model, tiny_cfg, for_training=False)
+    base_lp, _ = forward_logprobs(sft, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
+                                  cfg.temperature, 3)
+    assert torch.allclose(samples.ref_logprobs, base_lp, atol=1e-5)
+
+
+def test_reward_adapter_needs_lora_and_an_adapter(sft_model, reward_model, tiny_cfg):
+    with pytest.raises(ConfigError, match="reward adapter .* needs model.lora"):
+        check_config(PPOConfig(reward="adapter"), ModelConfig(lora=False), D.DistInfo())
+    with pytest.raises(ConfigError, match="has no LoRA adapter") as e:  # the session's RM: full fine-tuning
+        load_models(sft_model, reward_model, PPOConfig(reward="adapter"), _lora(tiny_cfg), RewardNorm())
+    assert "reward.save_adapter" in e.value.one_line()
+
+
+def test_one_base_run_with_critic_and_reward_adapters(dataset, sft_model, lora_reward_model, tiny_cfg, tmp_path):
+    out = tmp_path / "ppo"
+    cfg = PPOConfig(total_steps=2, rollout_batch_size=4, num_minibatches=2, ppo_epochs=1, max_new_tokens=12,
+                    lr=1e-3, checkpoint_every=1, keep_checkpoints_on_success=True, critic="adapter",
+                    reward="adapter", merge_lora=False)
+    metrics = train_ppo(dataset, sft_model, lora_reward_model, out, cfg, _lora(tiny_cfg))
+    assert metrics["steps"] == 2 and metrics["score"] == metrics["score"]
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(tmp_path / "ppo.checkpoints" / "step-000001" / "policy.safetensors")))
+    assert any(".critic." in n for n in names) and not any(".reward." in n for n in names)  # frozen: not saved
+    # the policy artifact is the policy's adapter alone (no critic/reward adapter subfolders)
+    assert (out / "adapter_config.json").is_file() and not (out / "reward").exists()
+    assert (out / "critic" / "adapter.safetensors").is_file()
+    policy, _ = models.load_policy(out, tiny_cfg, for_training=False)
+    assert isinstance(policy, torch.nn.Module)

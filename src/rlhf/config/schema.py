@@ -91,6 +91,8 @@ class RewardConfig(TrainConfig):
                                               "policy or from the base model")
     gold_pairs: int = Field(300, ge=0, description="fresh gold-labelled pairs for the agreement check")
     lr: float = Field(1e-4, gt=0)
+    save_adapter: bool = Field(False, description="with model.lora, also save the LoRA adapter and score head "
+                               "(in <out>/adapter) besides the merged model: what ppo.reward adapter loads")
 
 
 class EvaluateConfig(StageConfig):
@@ -172,6 +174,10 @@ class PPOConfig(StageConfig):
         "from critic_init), adapter (a second LoRA adapter + value head on the policy's base model; needs "
         "model.lora) or shared (a value head on the policy's own last hidden state, one backward for both "
         "losses); adapter and shared start with a zero value head (critic_init is for separate)")
+    reward: Literal["separate", "adapter"] = Field(
+        "separate", description="the reward model in PPO: separate (the reward stage's merged model) or adapter "
+        "(its LoRA adapter + score head on the policy's base model, one base in memory; needs model.lora and a "
+        "reward model trained with reward.save_adapter on the same SFT policy)")
     critic_init: Literal["reward", "value_head"] = Field(
         "reward", description="critic = the reward model, or the SFT backbone with a zero-initialised head "
         "(critic: separate)")
@@ -219,6 +225,9 @@ class PPOConfig(StageConfig):
             raise ValueError("ppo.critic adapter puts the critic on the policy's base model as a second LoRA "
                              "adapter, so it needs model.lora true; with full fine-tuning use critic separate "
                              "or shared")
+        if self.reward == "adapter" and not model.lora:
+            raise ValueError("ppo.reward adapter reads the reward model as a LoRA adapter on the policy's base "
+                             "model, so it needs model.lora true; with full fine-tuning use reward separate")
 
 
 class RegisterConfig(StageConfig):

@@ -147,11 +147,11 @@ class AdapterValueModel(nn.Module):
 
 def add_critic_adapter(policy: nn.Module, model_cfg) -> None:
     """A second LoRA adapter on the peft policy (same rank/targets as the policy's), trainable, not active."""
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     policy.add_adapter(CRITIC_ADAPTER, models._lora_config(model_cfg, "CAUSAL_LM"))
     policy.set_adapter("default")
-    for n, p in policy.named_parameters():
-        if "lora_" in n:  # both adapters train (peft freezes the inactive one)
-            p.requires_grad_(True)
+    for n, p in policy.named_parameters():  # both adapters train (peft freezes the inactive one)
+        p.requires_grad_(n in trainable or f".{CRITIC_ADAPTER}." in n)
 
 
 class SharedValueModel(nn.Module):
@@ -252,13 +252,14 @@ def save_critic(critic: nn.Module | None, tokenizer, out_dir: Path, critic_init:
     return out
 
 
-def remove_critic_adapter(policy: nn.Module) -> None:
-    """Drop the ``critic`` adapter from the policy (before saving it: the policy artifact is the policy alone)."""
+def remove_other_adapters(policy: nn.Module) -> None:
+    """Drop every adapter but the policy's own (``critic``, ``reward``) before saving it: the policy artifact is
+    the policy alone (the run is over; the live model loses them)."""
     inner = _unwrap(policy)
-    if CRITIC_ADAPTER in getattr(inner, "peft_config", {}):
-        inner.delete_adapter(CRITIC_ADAPTER)
+    for name in [n for n in getattr(inner, "peft_config", {}) if n != "default"]:
+        inner.delete_adapter(name)
 
 
 __all__ = ["CRITIC_ADAPTER", "ValueModel", "zero_value_head", "AdapterValueModel", "SharedValueModel",
            "value_head", "keep_requires_grad", "active_adapter", "add_critic_adapter", "build_critic",
-           "critic_parameters", "policy_parameters", "is_shared", "save_critic", "remove_critic_adapter"]
+           "critic_parameters", "policy_parameters", "is_shared", "save_critic", "remove_other_adapters"]

@@ -39,6 +39,7 @@ from rlhf.errors import UserError
 from rlhf.ppo import advantages as A
 from rlhf.ppo import loss as L
 from rlhf.ppo.critic import ValueModel, keep_requires_grad, zero_value_head
+from rlhf.ppo.reward_adapter import RewardAdapterModel
 from rlhf.train import generation, models
 
 
@@ -178,7 +179,9 @@ def score_rollout(reward_model: nn.Module, rollout: generation.Rollout, forward_
         sl = slice(i, i + forward_batch_size)
         ids, mask, _, _ = trim(rollout.query_ids[sl], rollout.query_mask[sl], rollout.response_ids[sl],
                                rollout.response_mask[sl])
-        out.append(models.reward_scores(reward_model, ids, mask))
+        # a reward adapter on the policy's base (ppo.reward adapter) scores itself; a reward model via its head
+        out.append(reward_model(ids, mask) if isinstance(reward_model, RewardAdapterModel)
+                   else models.reward_scores(reward_model, ids, mask))
     return torch.cat(out).float()
 
 

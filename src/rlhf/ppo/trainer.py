@@ -51,6 +51,7 @@ from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo import critic as C
 from rlhf.ppo import loss as L
 from rlhf.ppo.metrics import StepLog, UpdateStats, mean_update_stats
+from rlhf.ppo.reward_adapter import load_reward_adapter
 from rlhf.ppo.rollout import (
     Experience,
     RewardNorm,
@@ -169,7 +170,10 @@ def load_models(sft_model: str | Path, reward_model: str | Path, cfg: PPOConfig,
     models.disable_dropout(policy)
     policy.train()
 
-    rm, rm_tok = models.load_reward_model(reward_model, plain, for_training=False)
+    if cfg.reward == "adapter":  # a frozen third adapter on the same base (docs/ppo.md #32)
+        rm, rm_tok = load_reward_adapter(policy, reward_model, sft_model)
+    else:
+        rm, rm_tok = models.load_reward_model(reward_model, plain, for_training=False)
     critic = C.build_critic(cfg, model_cfg, policy, sft_model, reward_model, reward_norm)
     for t in (tok, rm_tok):
         check_special_tokens(t)
@@ -442,11 +446,11 @@ def check_config(cfg: PPOConfig, model_cfg: ModelConfig, info: D.DistInfo) -> No
     try:
         cfg.check_model(model_cfg)
     except ValueError as e:
-        raise ConfigError(str(e), where="params.yaml ppo.critic") from None
-    if info.enabled and cfg.uses_critic and cfg.critic == "adapter":
-        raise ConfigError("ppo.critic adapter runs on one process only so far (its LoRA weights live in the "
-                          "policy module, which DDP would all-reduce in the policy's backward)",
-                          hint="use critic separate or shared under torchrun")
+        raise ConfigError(str(e), where="params.yaml ppo") from None
+    if info.enabled and (cfg.uses_critic and cfg.critic == "adapter" or cfg.reward == "adapter"):
+        raise ConfigError("ppo.critic adapter and ppo.reward adapter run on one process only so far (their LoRA "
+                          "weights live in the policy module, which DDP wraps for the policy's backward)",
+                          hint="use critic separate or shared, reward separate under torchrun")
 
 
 def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: ModelConfig,
@@ -494,7 +498,7 @@ def _write_output(out, policy, critic, tok, metrics, cfg, model_cfg, dataset, sf
                   norm: RewardNorm) -> None:
     with atomic_dir(out) as tmp:
         critic_dir = C.save_critic(critic, tok, tmp / "critic", cfg.critic_init)
-        C.remove_critic_adapter(policy)  # critic: adapter; the policy artifact is the policy alone
+        C.remove_other_adapters(policy)  # critic / reward adapter: the policy artifact is the policy alone
         models.save_model(unwrap(policy), tok, tmp, merge_lora=cfg.merge_lora)
         write_manifest(tmp, kind="policy", inputs={"dataset": dataset, "sft_model": sft_model,
                                                    "reward_model": reward_model},
