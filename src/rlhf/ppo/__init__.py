@@ -40,7 +40,8 @@ Where each item of docs/ppo.md is decided (defaults in :class:`rlhf.config.PPOCo
  29  resume decided once: ``checkpoint.RunCheckpoints.decide`` (rank 0, broadcast)
  30  DDP gradient = global token mean: ``trainer.optimizer_step``, ``loop.train_steps``
  31  ``estimator`` (gae, rloo, grpo), ``num_samples_per_prompt``: :mod:`rlhf.ppo.advantages`, ``trainer.run_steps``
- 32  ``critic`` (separate, adapter, shared): :mod:`rlhf.ppo.critic`, ``trainer.backward_micro_batch``
+ 32  ``critic`` (separate, adapter, shared): :mod:`rlhf.ppo.critic`, ``trainer.backward_micro_batch``;
+     ``reward`` (separate, adapter): :mod:`rlhf.ppo.reward_adapter`
 ===  ========================================================================================
 """
 
