@@ -112,7 +112,7 @@ def active_adapter(peft_model: nn.Module, name: str):
             peft_model.set_adapter(previous)
 
 
-def _last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The backbone's last hidden state (B, T, H) (no LM head), with the explicit positions of docs/ppo.md #2."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, inner.base_model_prefix)
@@ -141,7 +141,7 @@ class AdapterValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with active_adapter(self.policy, CRITIC_ADAPTER):
-            hidden = _last_hidden(self.policy, input_ids, attention_mask)
+            hidden = last_hidden(self.policy, input_ids, attention_mask)
         return self.head(hidden).squeeze(-1).float()
 
 
@@ -171,7 +171,7 @@ class SharedValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         if hidden is None:
-            hidden = _last_hidden(self._policy[0], input_ids, attention_mask)
+            hidden = last_hidden(self._policy[0], input_ids, attention_mask)
         return self.head(hidden).squeeze(-1).float()
 
 
@@ -261,5 +261,5 @@ def remove_other_adapters(policy: nn.Module) -> None:
 
 
 __all__ = ["CRITIC_ADAPTER", "ValueModel", "zero_value_head", "AdapterValueModel", "SharedValueModel",
-           "value_head", "keep_requires_grad", "active_adapter", "add_critic_adapter", "build_critic",
+           "value_head", "last_hidden", "keep_requires_grad", "active_adapter", "add_critic_adapter", "build_critic",
            "critic_parameters", "policy_parameters", "is_shared", "save_critic", "remove_other_adapters"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rlhf.errors import ConfigError
-from rlhf.ppo.critic import _last_hidden, active_adapter
+from rlhf.ppo.critic import active_adapter, last_hidden
 from rlhf.train import models
 
 REWARD_ADAPTER = "reward"
@@ -37,7 +37,7 @@ class RewardAdapterModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         policy = self._policy[0]
         with active_adapter(policy, REWARD_ADAPTER):
-            hidden = _last_hidden(policy, input_ids, attention_mask)
+            hidden = last_hidden(policy, input_ids, attention_mask)
         last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask.long()).argmax(-1)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
