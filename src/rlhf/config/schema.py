@@ -91,6 +91,8 @@ class RewardConfig(TrainConfig):
                                               "policy or from the base model")
     gold_pairs: int = Field(300, ge=0, description="fresh gold-labelled pairs for the agreement check")
     lr: float = Field(1e-4, gt=0)
+    save_adapter: bool = Field(False, description="with model.lora, also save the LoRA adapter and score head "
+                               "(in <out>/adapter) besides the merged model: what ppo.reward adapter loads")
 
 
 class EvaluateConfig(StageConfig):
@@ -161,8 +163,24 @@ class PPOConfig(StageConfig):
     score_clip: float | None = Field(None, gt=0, description="clip normalised scores to +-score_clip")
     missing_eos_penalty: float | None = Field(1.0, description="subtracted from the (normalised) score of a "
                                               "response without EOS within max_new_tokens; null: off")
+    estimator: Literal["gae", "rloo", "grpo"] = Field(
+        "gae", description="advantage estimator (docs/ppo.md #31): gae (per token, against the critic), rloo "
+        "(leave-one-out baseline over the prompt's num_samples_per_prompt responses) or grpo (the reward "
+        "standardised within that group); rloo and grpo use no critic")
+    num_samples_per_prompt: int = Field(1, ge=1, description="responses sampled per prompt (k): a step's batch "
+                                        "is rollout_batch_size x k rows; rloo and grpo need k >= 2")
+    critic: Literal["separate", "adapter", "shared"] = Field(
+        "separate", description="the value model of estimator gae (docs/ppo.md #32): separate (its own model, "
+        "from critic_init), adapter (a second LoRA adapter + value head on the policy's base model; needs "
+        "model.lora) or shared (a value head on the policy's own last hidden state, one backward for both "
+        "losses); adapter and shared start with a zero value head (critic_init is for separate)")
+    reward: Literal["separate", "adapter"] = Field(
+        "separate", description="the reward model in PPO: separate (the reward stage's merged model) or adapter "
+        "(its LoRA adapter + score head on the policy's base model, one base in memory; needs model.lora and a "
+        "reward model trained with reward.save_adapter on the same SFT policy)")
     critic_init: Literal["reward", "value_head"] = Field(
-        "reward", description="critic = the reward model, or the SFT backbone with a zero-initialised head")
+        "reward", description="critic = the reward model, or the SFT backbone with a zero-initialised head "
+        "(critic: separate)")
     merge_lora: bool = Field(True, description="save the policy merged (plain HF model) when LoRA is on")
     checkpoint_every: int = Field(10, ge=0, description="checkpoint every N steps (0: never)")
     checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
@@ -175,16 +193,41 @@ class PPOConfig(StageConfig):
     log_every: int = Field(1, ge=1, description="progress line every N steps")
     seed: int = 0
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows (responses) of a step's batch on one rank: ``rollout_batch_size x num_samples_per_prompt``."""
+        return self.rollout_batch_size * self.num_samples_per_prompt
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the estimator needs a value model (gae does; rloo and grpo do not)."""
+        return self.estimator == "gae"
+
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> PPOConfig:
-        if self.rollout_batch_size % self.num_minibatches:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                             f"num_minibatches ({self.num_minibatches})")
-        mini = self.rollout_batch_size // self.num_minibatches
+        if self.estimator in ("rloo", "grpo") and self.num_samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator} compares the responses to one prompt: set "
+                             f"num_samples_per_prompt to 2 or more (got {self.num_samples_per_prompt})")
+        rows = self.rows_per_step
+        what = "rollout_batch_size" if self.num_samples_per_prompt == 1 else \
+            "rollout_batch_size x num_samples_per_prompt"
+        if rows % self.num_minibatches:
+            raise ValueError(f"{what} ({rows}) must be a multiple of num_minibatches ({self.num_minibatches})")
+        mini = rows // self.num_minibatches
         if self.micro_batch_size is not None and mini % self.micro_batch_size:
-            raise ValueError(f"the minibatch ({mini} = rollout_batch_size / num_minibatches) must be a "
+            raise ValueError(f"the minibatch ({mini} = {what} / num_minibatches) must be a "
                              f"multiple of micro_batch_size ({self.micro_batch_size})")
         return self
+
+    def check_model(self, model: ModelConfig) -> None:
+        """The checks that need the model section too (the PPO stage calls it before loading anything)."""
+        if self.uses_critic and self.critic == "adapter" and not model.lora:
+            raise ValueError("ppo.critic adapter puts the critic on the policy's base model as a second LoRA "
+                             "adapter, so it needs model.lora true; with full fine-tuning use critic separate "
+                             "or shared")
+        if self.reward == "adapter" and not model.lora:
+            raise ValueError("ppo.reward adapter reads the reward model as a LoRA adapter on the policy's base "
+                             "model, so it needs model.lora true; with full fine-tuning use reward separate")
 
 
 class RegisterConfig(StageConfig):

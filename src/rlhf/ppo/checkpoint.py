@@ -3,7 +3,9 @@
 A checkpoint is a directory ``<root>/step-000010/``::
 
     policy.safetensors     trainable policy weights (all weights; with LoRA only the adapter)
-    critic.safetensors     trainable critic weights (with LoRA: its adapter and value head)
+    critic.safetensors     trainable critic weights (with LoRA: its adapter and value head; critic adapter
+                           or shared: the value head, the adapter being in policy.safetensors);
+                           absent when the estimator has no critic (rloo, grpo)
     trainer.pt             optimizer + lr-scheduler state (torch.save, loaded with weights_only=True)
     state.json             step, data position, KL controller, per-rank RNG states (python, numpy,
                            torch, CUDA), the metric history, the run fingerprint
@@ -325,7 +327,8 @@ class RunCheckpoints:
                                f"{problem}")
         found = Checkpoint(path, decision["step"], json.loads((path / STATE).read_text()))
         load_trainable_state(policy, found.weights("policy"))
-        load_trainable_state(critic, found.weights("critic"))
+        if critic is not None:
+            load_trainable_state(critic, found.weights("critic"))
         trainer = found.trainer_state()
         opt.load_state_dict(trainer["optimizer"])
         sched.load_state_dict(trainer["scheduler"])
@@ -340,13 +343,15 @@ class RunCheckpoints:
         return bool(every) and step % every == 0 and step < self.cfg.total_steps
 
     def save(self, step: int, policy, critic, opt, sched, kl_ctl, history: list[dict[str, float]]) -> None:
-        """Checkpoint after ``step``: ``policy`` and ``critic`` unwrapped (no DDP prefix in the names)."""
+        """Checkpoint after ``step``: ``policy`` and ``critic`` (None: no critic) unwrapped (no DDP prefix in
+        the names)."""
         rng = D.gather_objects(capture_rng())  # every rank's RNG, written by rank 0
         if self.info.is_main:
             t0 = time.perf_counter()
             world = self.info.world_size
             path = save(self.root, step,
-                        weights={"policy": trainable_state(policy), "critic": trainable_state(critic)},
+                        weights={"policy": trainable_state(policy),
+                                 **({"critic": trainable_state(critic)} if critic is not None else {})},
                         trainer={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                         state={"fingerprint": self.fingerprint,
                                "data_position": step * self.cfg.rollout_batch_size * world,

@@ -11,8 +11,9 @@ The pieces, in the order a PPO step uses them:
    (``exp(log q - log p) - 1 - (log q - log p)``, unbiased and always >= 0) (docs/ppo.md #14).
 2. :func:`token_rewards`: reward per token ``-beta * kl_t``, plus the (normalised) reward-model
    score added at the last valid token, i.e. the EOS index (docs/ppo.md #8, #13).
-3. :func:`gae`: generalised advantage estimation with ``gamma`` (1) and ``lam`` (0.95);
-   ``returns = advantages + values`` (docs/ppo.md #16).
+3. the advantages: :func:`rlhf.ppo.advantages.gae` (``gamma`` 1, ``lam`` 0.95, ``returns =
+   advantages + values``; docs/ppo.md #16), or the critic-free ``rloo`` / ``grpo`` on groups of
+   responses to one prompt (#31); all in :mod:`rlhf.ppo.advantages`.
 4. :func:`masked_whiten`: advantages whitened over valid tokens only (17); across ranks when
    running distributed, so every rank uses the same statistics.
 5. :func:`policy_loss`: the clipped surrogate with ``eps = 0.2`` (20), with its diagnostics:
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
+
+from rlhf.ppo.advantages import gae
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -114,27 +117,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
 
 # ----------------------------------------------------------------------------- advantages
 
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over right-padded responses.
-
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, where
-    ``V`` and ``A`` beyond the last valid token are 0 (the episode ends at EOS). Returns
-    ``(advantages, returns)`` with ``returns = advantages + values``; both 0 on masked positions.
-    """
-    values = masked(values, mask)
-    rewards = masked(rewards, mask)
-    mask = mask.to(values.dtype)
-    T = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
-    return adv, (adv + values) * mask
+# The estimators (GAE, RLOO, GRPO) live in rlhf.ppo.advantages; gae is re-exported here for its old callers.
 
 
 # ----------------------------------------------------------------------------- losses

@@ -55,8 +55,8 @@ class UpdateStats:
         self.approx_kl += float(stats["approx_kl"]) * weight
         self.ratio_mean += float(stats["ratio_mean"]) * weight
         self.ratio_max = max(self.ratio_max, float(stats["ratio_max"]))
-        self.value_loss += float(stats["value_loss"]) * weight
-        self.value_clip_frac += float(stats["value_clip_frac"]) * weight
+        self.value_loss += float(stats.get("value_loss", 0.0)) * weight  # 0 without a critic (rloo, grpo)
+        self.value_clip_frac += float(stats.get("value_clip_frac", 0.0)) * weight
         self.loss += float(stats["loss"]) * weight
 
 
@@ -137,7 +137,7 @@ class StepLog:
         m = step_metrics(sums, upd, beta, lr)
         seconds = time.perf_counter() - self._t0
         gen_s = reduced["gen_seconds"] / world
-        global_batch = self.cfg.rollout_batch_size * world
+        global_batch = self.cfg.rows_per_step * world  # episodes: responses, k per prompt
         m.update({"episodes_per_s": global_batch / seconds, "tokens_per_s": sums["tokens"] / seconds,
                   "gen_share": gen_s / seconds, "step_seconds": seconds})
         self.history.append({k: v for k, v in m.items() if k not in TIMING_METRICS})
@@ -175,7 +175,7 @@ def summarize(history: list[dict[str, float]], world_size: int, cfg: PPOConfig) 
     out: dict[str, Any] = {k: last[k] for k in keys}
     out.update({f"start_{k}": first[k] for k in ("score", "gold", "kl", "response_length", "eos_rate")})
     out.update({f"final_window_{k}": wmean(k) for k in ("score", "gold", "kl")})
-    out.update({"steps": len(history), "episodes": len(history) * cfg.rollout_batch_size * world_size,
+    out.update({"steps": len(history), "episodes": len(history) * cfg.rows_per_step * world_size,
                 "world_size": world_size, "kl_estimator": cfg.kl_estimator})
     return out
 

@@ -2,21 +2,23 @@
 
 The "collect" half of a PPO step is three calls, which the trainer's loop makes in this order:
 
-1. :func:`sample_responses`: one response per prompt from the policy
+1. :func:`sample_responses`: one response per prompt row from the policy (the loop repeats each
+   prompt ``num_samples_per_prompt`` times in a row for ``rloo``/``grpo``)
    (:func:`rlhf.train.generation.sample`: chat template, prompts cut from the left and left-padded, KV
    cache, ``do_sample=True, top_k=0, top_p=1``, temperature, fixed response budget, everything
    after the first EOS padded and masked; docs/ppo.md #2-#6), then the no-grad forward passes over
    ``prompt + response``: the policy's old log-probs and entropy at the *same* temperature (#5),
    the reference's log-probs at that temperature, from the frozen SFT copy or, with LoRA, the same
-   model with its adapter disabled (#12), and the critic's per-token values (a
-   :class:`ValueModel`: the reward model's backbone and head read at every position, or the SFT
-   backbone with a zero-initialised head; #18);
+   model with every adapter disabled (#12), and the critic's per-token values (one of
+   :mod:`rlhf.ppo.critic`'s kinds, #18, #32; zeros when the estimator has no critic);
 2. :func:`score_responses`: the reward model's score of ``prompt + response`` read at the last
    real token, which is the EOS (#8); normalised with the mean/std the reward stage measured on
    SFT demonstrations, optionally clipped (#10); a fixed penalty subtracted when a response has
    no EOS within the budget (#11);
 3. :func:`compute_advantages`: per-token rewards ``-beta * KL_t`` with the score added at the EOS
-   index (#13, #14), GAE (#16) and advantages whitened over valid tokens of the global batch (#17).
+   index (#13, #14), then the estimator (:mod:`rlhf.ppo.advantages`): GAE (#16) with advantages
+   whitened over valid tokens of the global batch (#17), or RLOO / GRPO over each prompt's group
+   of responses, their sequence advantage on every token (#31).
 
 The reward model reads the *token ids the policy produced* (no decode/re-encode round trip) when
 both share a tokenizer, which is the case for a reward model initialised from the SFT policy.
@@ -34,7 +36,10 @@ from torch import nn
 
 from rlhf.data import demo
 from rlhf.errors import UserError
+from rlhf.ppo import advantages as A
 from rlhf.ppo import loss as L
+from rlhf.ppo.critic import ValueModel, keep_requires_grad, zero_value_head
+from rlhf.ppo.reward_adapter import RewardAdapterModel
 from rlhf.train import generation, models
 
 
@@ -50,44 +55,8 @@ def check_special_tokens(tokenizer, where: str = "policy tokenizer") -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The module inside a DistributedDataParallel wrapper (or the model itself; None stays None)."""
     return getattr(model, "module", model)
-
-
-# ----------------------------------------------------------------------------- the critic
-
-
-class ValueModel(nn.Module):
-    """Per-token values from a sequence-classification model (its backbone + scalar head at every position).
-
-    ``values = (head(h_t) - shift) / scale``: with the critic initialised from the reward model,
-    ``shift``/``scale`` are the reward normalisation, so the critic starts on the same scale as the
-    normalised scores it has to predict. With a zero-initialised head they are 0 and 1.
-    """
-
-    def __init__(self, seq_cls_model: nn.Module, shift: float = 0.0, scale: float = 1.0):
-        super().__init__()
-        self.model = seq_cls_model
-        self.register_buffer("shift", torch.tensor(float(shift)), persistent=False)
-        self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=models.position_ids_from_mask(attention_mask),
-                          use_cache=False).last_hidden_state
-        head = models.score_head(self.model)
-        values = head(hidden).squeeze(-1).float()
-        return (values - self.shift) / self.scale
-
-
-def zero_value_head(critic: ValueModel) -> None:
-    head = models.score_head(critic.model)
-    with torch.no_grad():
-        head.weight.zero_()
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
 
 
 # ----------------------------------------------------------------------------- batches
@@ -187,8 +156,8 @@ def reference_context(policy: nn.Module, ref: nn.Module | None):
         raise ValueError("no reference model given and the policy has no adapter to disable")
 
     @contextlib.contextmanager
-    def adapter_off():
-        with inner.disable_adapter():
+    def adapter_off():  # every adapter off (the policy's and a critic adapter): the SFT weights
+        with keep_requires_grad(inner), inner.disable_adapter():
             yield inner
 
     return adapter_off()
@@ -210,7 +179,9 @@ def score_rollout(reward_model: nn.Module, rollout: generation.Rollout, forward_
         sl = slice(i, i + forward_batch_size)
         ids, mask, _, _ = trim(rollout.query_ids[sl], rollout.query_mask[sl], rollout.response_ids[sl],
                                rollout.response_mask[sl])
-        out.append(models.reward_scores(reward_model, ids, mask))
+        # a reward adapter on the policy's base (ppo.reward adapter) scores itself; a reward model via its head
+        out.append(reward_model(ids, mask) if isinstance(reward_model, RewardAdapterModel)
+                   else models.reward_scores(reward_model, ids, mask))
     return torch.cat(out).float()
 
 
@@ -270,6 +241,8 @@ class RolloutSettings:
     lam: float
     whiten_advantages: bool
     whiten_rewards: bool
+    estimator: str = "gae"        # rlhf.ppo.advantages: gae, rloo, grpo
+    group_size: int = 1           # responses per prompt, consecutive rows (rloo, grpo)
 
 
 @dataclass
@@ -286,9 +259,10 @@ class Samples:
 
 
 @torch.no_grad()
-def sample_responses(policy: nn.Module, ref: nn.Module | None, critic: nn.Module, tokenizer,
+def sample_responses(policy: nn.Module, ref: nn.Module | None, critic: nn.Module | None, tokenizer,
                      prompts: list[str], s: RolloutSettings) -> Samples:
-    """One response per prompt, with the policy's and the reference's log-probs and the critic's values."""
+    """One response per prompt, with the policy's and the reference's log-probs and the critic's values
+    (zeros without a critic)."""
     import time
 
     gen_model = unwrap(policy)
@@ -306,7 +280,8 @@ def sample_responses(policy: nn.Module, ref: nn.Module | None, critic: nn.Module
     with reference_context(policy, ref) as ref_model:
         ref_logprobs, _ = forward_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, s.temperature,
                                            s.forward_batch_size)
-    values = forward_values(unwrap(critic), q_ids, q_mask, r_ids, r_mask, s.forward_batch_size)
+    values = forward_values(unwrap(critic), q_ids, q_mask, r_ids, r_mask, s.forward_batch_size) \
+        if critic is not None else torch.zeros_like(logprobs)
     return Samples(ro, list(prompts), logprobs, entropy, ref_logprobs, values, gen_seconds)
 
 
@@ -326,15 +301,27 @@ def score_responses(reward_model: nn.Module, samples: Samples, s: RolloutSetting
 @torch.no_grad()
 def compute_advantages(samples: Samples, scores: torch.Tensor, raw_scores: torch.Tensor, s: RolloutSettings,
                        beta: float, all_reduce=None) -> Experience:
-    """KL-penalised per-token rewards, GAE and whitened advantages: the batch the update trains on."""
+    """KL-penalised per-token rewards and the estimator's advantages: the batch the update trains on.
+
+    ``gae``: per token against the critic's values, whitened over the global batch (``whiten_advantages``).
+    ``rloo`` / ``grpo``: on each response's sequence reward within its group of ``group_size``
+    consecutive rows (all on this rank), put on every token of the response; ``returns`` is then
+    the sequence reward (there is no critic to fit).
+    """
     ro, r_mask = samples.rollout, samples.rollout.response_mask
     kl = L.masked(L.kl_per_token(samples.logprobs, samples.ref_logprobs, s.kl_estimator), r_mask)
     rewards, non_score = L.token_rewards(scores, kl, r_mask, beta)
     if s.whiten_rewards:
         rewards = L.masked_whiten(rewards, r_mask, shift_mean=False, all_reduce=all_reduce)
-    advantages, returns = L.gae(rewards, samples.values, r_mask, s.gamma, s.lam)
-    if s.whiten_advantages:
-        advantages = L.masked_whiten(advantages, r_mask, all_reduce=all_reduce)
+    if s.estimator == "gae":
+        advantages, returns = A.gae(rewards, samples.values, r_mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = L.masked_whiten(advantages, r_mask, all_reduce=all_reduce)
+    else:
+        seq_rewards = A.sequence_rewards(rewards, r_mask)
+        estimate = {"rloo": A.rloo, "grpo": A.grpo}[s.estimator]
+        advantages = A.per_token(estimate(seq_rewards, s.group_size), r_mask)
+        returns = A.per_token(seq_rewards, r_mask)
     return Experience(ro.query_ids, ro.query_mask, ro.response_ids, r_mask, samples.logprobs,
                       samples.ref_logprobs, samples.values, kl, rewards, non_score, advantages, returns,
                       samples.entropy, scores, raw_scores, ro.has_eos, ro.texts, samples.prompts)

@@ -4,15 +4,18 @@
 
 1. rollout: this rank's slice of the next global batch of training prompts (a seeded permutation
    per pass over the prompts, so the data position is a function of the step and survives a
-   restart), one sampled response each, with the policy's and the reference's log-probs and the
-   critic's values (:func:`rlhf.ppo.rollout.sample_responses`);
+   restart), ``num_samples_per_prompt`` sampled responses each (default 1; the ``k`` responses of
+   a prompt are consecutive rows on the same rank), with the policy's and the reference's
+   log-probs and the critic's values (:func:`rlhf.ppo.rollout.sample_responses`);
 2. score: the reward model's normalised score, missing-EOS penalty included (``score_responses``);
-3. advantages: KL-penalised per-token rewards, GAE, whitening (``compute_advantages``);
+3. advantages: KL-penalised per-token rewards, then the estimator: GAE and whitening, or RLOO /
+   GRPO within each prompt's group (``compute_advantages``, :mod:`rlhf.ppo.advantages`);
 4. update (:func:`ppo_update`): ``ppo_epochs`` passes over the batch in shuffled minibatches;
    each minibatch is one optimizer step (gradient accumulation over micro-batches, each weighted
    by its share of the minibatch's valid tokens, so the step is that of the whole minibatch) of
    :func:`rlhf.ppo.loss.ppo_loss`, back-propagated per model (policy, then critic: only one
-   model's activations alive at a time); gradients clipped per model (policy, critic); AdamW with
+   model's activations alive at a time; ``critic: shared``: one backward for both; no critic:
+   the policy's part alone); gradients clipped per model (policy, critic); AdamW with
    eps 1e-5 and one lr-schedule step per PPO step (docs/ppo.md #20, #23);
 5. the KL controller sees the batch's mean sequence KL (fixed beta, or adaptive towards
    ``kl_target``; #15); metrics through :mod:`rlhf.mlops.tracking` and a progress line
@@ -21,8 +24,9 @@
 
 Models: the policy starts from the SFT policy (full fine-tuning, or a fresh LoRA adapter on the
 merged SFT weights); the reference is a frozen copy of the SFT policy or, with LoRA, the same model
-with the adapter disabled (no second copy); the critic is initialised from the reward model (or
-the SFT backbone with a zero value head); dropout is off in all four (#12, #18, #22).
+with every adapter disabled (no second copy); the critic (:mod:`rlhf.ppo.critic`: ``separate``,
+initialised from the reward model or the SFT backbone with a zero value head; ``adapter``;
+``shared``; none for rloo/grpo); dropout is off in all four (#12, #18, #22, #32).
 """
 
 from __future__ import annotations
@@ -41,23 +45,23 @@ from torch import nn
 
 from rlhf.config import ModelConfig, PPOConfig
 from rlhf.errors import ConfigError, UserError
-from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
+from rlhf.io import atomic_dir, read_manifest, write_manifest
 from rlhf.mlops import tracking
 from rlhf.ppo import checkpoint as ckpt
+from rlhf.ppo import critic as C
 from rlhf.ppo import loss as L
 from rlhf.ppo.metrics import StepLog, UpdateStats, mean_update_stats
+from rlhf.ppo.reward_adapter import load_reward_adapter
 from rlhf.ppo.rollout import (
     Experience,
     RewardNorm,
     RolloutSettings,
-    ValueModel,
     check_special_tokens,
     compute_advantages,
     sample_responses,
     score_responses,
     trim,
     unwrap,
-    zero_value_head,
 )
 from rlhf.train import distributed as D
 from rlhf.train import generation, models
@@ -149,7 +153,8 @@ def train_prompts(dataset: str | Path) -> list[str]:
 
 def load_models(sft_model: str | Path, reward_model: str | Path, cfg: PPOConfig, model_cfg: ModelConfig,
                 reward_norm: RewardNorm):
-    """Policy (trainable), reference (frozen copy, or None with LoRA), critic, reward model, tokenizers."""
+    """Policy (trainable), reference (frozen copy, or None with LoRA), critic (None without one: rloo,
+    grpo; :func:`rlhf.ppo.critic.build_critic`), reward model, tokenizers."""
     plain = model_cfg.model_copy(update={"lora": False})
     # The SFT weights, merged if the SFT stage saved an adapter: the PPO adapter starts on top of them.
     policy, tok = models.load_policy(sft_model, plain, for_training=True)
@@ -165,26 +170,22 @@ def load_models(sft_model: str | Path, reward_model: str | Path, cfg: PPOConfig,
     models.disable_dropout(policy)
     policy.train()
 
-    rm, rm_tok = models.load_reward_model(reward_model, plain, for_training=False)
-    if cfg.critic_init == "reward":
-        critic_base, _ = models.load_reward_model(reward_model, model_cfg, for_training=True)
-        critic = ValueModel(critic_base, shift=reward_norm.mean, scale=reward_norm.std)
+    if cfg.reward == "adapter":  # a frozen third adapter on the same base (docs/ppo.md #32)
+        rm, rm_tok = load_reward_adapter(policy, reward_model, sft_model)
     else:
-        critic_base, _ = models.load_reward_model(sft_model, model_cfg, for_training=True, init_from_causal=True)
-        critic = ValueModel(critic_base)
-        zero_value_head(critic)
-    critic.to(next(policy.parameters()).device)
-    models.disable_dropout(critic)
-    critic.train()
+        rm, rm_tok = models.load_reward_model(reward_model, plain, for_training=False)
+    critic = C.build_critic(cfg, model_cfg, policy, sft_model, reward_model, reward_norm)
     for t in (tok, rm_tok):
         check_special_tokens(t)
     return policy, ref, critic, rm, tok, rm_tok
 
 
 def make_optimizer(policy, critic, cfg: PPOConfig) -> torch.optim.Optimizer:
-    """AdamW (eps 1e-5), one param group per model; the multi-tensor ("foreach") update, also on CPU."""
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_lr or cfg.lr}]
+    """AdamW (eps 1e-5), one param group per model (the policy's alone without a critic); the multi-tensor
+    ("foreach") update, also on CPU."""
+    groups = [{"params": C.policy_parameters(policy, critic), "lr": cfg.lr}]
+    if critic is not None:
+        groups.append({"params": C.critic_parameters(critic), "lr": cfg.critic_lr or cfg.lr})
     return torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
 
 
@@ -202,16 +203,24 @@ def model_inputs(mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return trim(mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
 
 
-def policy_outputs(policy, mb: dict[str, torch.Tensor], inputs, cfg: PPOConfig) -> dict[str, torch.Tensor]:
+def policy_outputs(policy, mb: dict[str, torch.Tensor], inputs, cfg: PPOConfig,
+                   shared_critic=None) -> dict[str, torch.Tensor]:
     """The policy's log-probs of the micro-batch's responses at the sampling temperature (docs/ppo.md #5), and
-    their entropy when there is an entropy bonus: :func:`rlhf.ppo.loss.ppo_loss`'s keyword arguments."""
+    their entropy when there is an entropy bonus: :func:`rlhf.ppo.loss.ppo_loss`'s keyword arguments.
+
+    ``shared_critic`` (``critic: shared``): also the ``values`` its head reads off the same forward pass.
+    """
     ids, mask, q_len, r_len = inputs
-    logits = generation.response_logits(policy, ids, mask, q_len, cfg.temperature)
+    if shared_critic is not None:
+        logits, hidden = generation.response_logits(policy, ids, mask, q_len, cfg.temperature, with_hidden=True)
+        out = {"values": shared_critic(hidden=hidden)[:, q_len - 1 : -1]}
+    else:
+        logits, out = generation.response_logits(policy, ids, mask, q_len, cfg.temperature), {}
     tokens = mb["response_ids"][:, :r_len]
     if cfg.entropy_coef:
         logprobs, entropy = generation.logprobs_and_entropy(logits, tokens)
-        return {"logprobs": logprobs, "entropy": entropy}
-    return {"logprobs": generation.logprobs_from_logits(logits, tokens)}
+        return {**out, "logprobs": logprobs, "entropy": entropy}
+    return {**out, "logprobs": generation.logprobs_from_logits(logits, tokens)}
 
 
 def critic_values(critic, inputs) -> torch.Tensor:
@@ -226,15 +235,19 @@ def backward_micro_batch(policy, critic, mb: dict[str, torch.Tensor], cfg: PPOCo
 
     Each backward frees its model's activations before the other model's forward, so the peak holds
     one model's activations, not both; the gradients are those of the total loss (the two models
-    share no parameters). The forward passes run under ``precision``'s autocast (docs/ppo.md #27).
-    Returns the loss's stats and the (unweighted) ``loss``.
+    share no parameters). ``critic: shared``: one forward and one backward of the total; no critic
+    (rloo, grpo): the policy's part alone. The forward passes run under ``precision``'s autocast
+    (docs/ppo.md #27). Returns the loss's stats and the (unweighted) ``loss``.
     """
     precision = precision or Precision.off()
     inputs = model_inputs(mb)
+    shared = critic if C.is_shared(critic) else None
     with precision.autocast():
-        outputs = policy_outputs(policy, mb, inputs, cfg)
+        outputs = policy_outputs(policy, mb, inputs, cfg, shared)
     pg = L.ppo_loss(mb, cfg, **{k: v.float() for k, v in outputs.items()})
     precision.backward(pg.total * weight)
+    if critic is None or shared is not None:  # nothing left, or the values were part of that one graph
+        return {**pg.stats, "loss": pg.total.detach()}
     with precision.autocast():
         values = critic_values(critic, inputs)
     vf = L.ppo_loss(mb, cfg, values=values.float())
@@ -258,9 +271,9 @@ def minibatch_plan(n_rows: int, cfg: PPOConfig, step: int, rank: int) -> list[li
     return plan
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip the model's gradients to ``max_norm``; their norm before clipping."""
-    return float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip one model's gradients to ``max_norm``; their norm before clipping (0 for no parameters)."""
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
 def optimizer_step(policy, critic, exp: Experience, micro_batches: list[torch.Tensor], cfg: PPOConfig, opt,
@@ -283,8 +296,8 @@ def optimizer_step(policy, critic, exp: Experience, micro_batches: list[torch.Te
         with D.no_sync([policy, critic], active=info.enabled and k < len(micro_batches) - 1):
             stats.add(backward_micro_batch(policy, critic, mb, cfg, w * rank_share, precision), w)
     precision.unscale(opt)
-    stats.grad_norm_policy = clip_gradients(policy, cfg.max_grad_norm)
-    stats.grad_norm_critic = clip_gradients(critic, cfg.max_grad_norm)
+    stats.grad_norm_policy = clip_gradients(C.policy_parameters(policy, critic), cfg.max_grad_norm)
+    stats.grad_norm_critic = clip_gradients(C.critic_parameters(critic), cfg.max_grad_norm)
     precision.step(opt)
     opt.zero_grad(set_to_none=True)
     return stats
@@ -309,7 +322,7 @@ class PPORun:
     cfg: PPOConfig
     info: D.DistInfo
     policy: nn.Module
-    critic: nn.Module
+    critic: nn.Module | None     # None: the estimator has no critic (rloo, grpo)
     ref: nn.Module | None
     reward_model: nn.Module
     tokenizer: Any
@@ -338,19 +351,21 @@ class PPORun:
 def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints) -> None:
     """The PPO loop, from the step after ``run.start_step`` to ``total_steps`` (every rank runs it)."""
     cfg, info = run.cfg, run.info
-    global_batch = cfg.rollout_batch_size * info.world_size
+    global_prompts = cfg.rollout_batch_size * info.world_size
     all_reduce = D.all_reduce_sum if info.enabled else None  # whitening over the global batch
     for step in range(run.start_step + 1, cfg.total_steps + 1):
         book.begin()
-        # rollout: this rank's prompts of the step, a response each; old and reference log-probs, values
-        prompts = run.prompts.take((step - 1) * global_batch + info.rank * cfg.rollout_batch_size,
+        # rollout: this rank's prompts of the step, each repeated k = num_samples_per_prompt times in a row
+        # (a prompt's group stays on this rank); a response per row; old and reference log-probs, values
+        prompts = run.prompts.take((step - 1) * global_prompts + info.rank * cfg.rollout_batch_size,
                                    cfg.rollout_batch_size)
+        prompts = [p for p in prompts for _ in range(cfg.num_samples_per_prompt)]
         with run.precision.autocast():  # the same compute dtype as the update's forward passes (#7, #27)
             samples = sample_responses(run.policy, run.ref, run.critic, run.tokenizer, prompts, run.settings)
             # score: the reward model at each response's EOS, normalised, minus the missing-EOS penalty
             scores, raw = score_responses(run.reward_model, samples, run.settings, run.norm,
                                           run.texts_scorer(prompts))
-        # advantages: per-token rewards -beta * KL (+ the score at the EOS), GAE, whitened
+        # advantages: per-token rewards -beta * KL (+ the score at the EOS); GAE, whitened, or RLOO / GRPO
         beta = run.kl_ctl.value
         exp = compute_advantages(samples, scores, raw, run.settings, beta, all_reduce)
         # update: ppo_epochs passes over the batch in shuffled minibatches, one optimizer step each
@@ -359,7 +374,7 @@ def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints) -> N
         run.sched.step()
         # bookkeeping: metrics, beta from this batch's KL, now and then a checkpoint
         m = book.record(step, exp, upd, beta, lr, samples.gen_seconds)
-        run.kl_ctl.update(m["kl"], global_batch)
+        run.kl_ctl.update(m["kl"], cfg.rows_per_step * info.world_size)
         if checkpoints.due(step):
             checkpoints.save(step, unwrap(run.policy), unwrap(run.critic), run.opt, run.sched, run.kl_ctl,
                              book.history)
@@ -395,12 +410,12 @@ def _train(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
             tracker.set_tags({"resumed_from_step": run.start_step})
         book = StepLog(tracker, cfg, info, run.history, run.start_step)
         log.info("[ppo] %d steps x %d prompts (%d rank(s)), %d PPO epochs x %d minibatch(es), "
-                 "KL %s beta=%s%s, critic from %s", cfg.total_steps, cfg.rollout_batch_size * info.world_size,
+                 "KL %s beta=%s%s, %s", cfg.total_steps, cfg.rollout_batch_size * info.world_size,
                  info.world_size, cfg.ppo_epochs, cfg.num_minibatches, cfg.kl_estimator, cfg.kl_coef,
-                 f" adaptive to {cfg.kl_target}" if cfg.adaptive_kl else "", cfg.critic_init)
+                 f" adaptive to {cfg.kl_target}" if cfg.adaptive_kl else "", _estimator_line(cfg))
         run_steps(run, book, checkpoints)
         policy, critic = unwrap(run.policy), unwrap(run.critic)
-        in_sync = D.check_in_sync(policy, critic)
+        in_sync = D.check_in_sync(*[m for m in (policy, critic) if m is not None])
         metrics = book.summary(in_sync)
         if not in_sync:
             raise RuntimeError("PPO ranks diverged: parameters differ across ranks")
@@ -417,9 +432,31 @@ def _train(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
     return metrics
 
 
+def _estimator_line(cfg: PPOConfig) -> str:
+    if not cfg.uses_critic:
+        return f"{cfg.estimator} over {cfg.num_samples_per_prompt} responses per prompt, no critic"
+    samples = f", {cfg.num_samples_per_prompt} responses per prompt" if cfg.num_samples_per_prompt > 1 else ""
+    if cfg.critic == "separate":
+        return f"gae, critic from {cfg.critic_init}{samples}"
+    return f"gae, critic {cfg.critic}{samples}"
+
+
+def check_config(cfg: PPOConfig, model_cfg: ModelConfig, info: D.DistInfo) -> None:
+    """The checks that need more than the ppo section: the model section, the process count."""
+    try:
+        cfg.check_model(model_cfg)
+    except ValueError as e:
+        raise ConfigError(str(e), where="params.yaml ppo") from None
+    if info.enabled and (cfg.uses_critic and cfg.critic == "adapter" or cfg.reward == "adapter"):
+        raise ConfigError("ppo.critic adapter and ppo.reward adapter run on one process only so far (their LoRA "
+                          "weights live in the policy module, which DDP wraps for the policy's backward)",
+                          hint="use critic separate or shared, reward separate under torchrun")
+
+
 def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: ModelConfig,
            info: D.DistInfo) -> tuple[PPORun, ckpt.RunCheckpoints]:
     """Check the inputs, load the models, build the optimizer and resume from a checkpoint if there is one."""
+    check_config(cfg, model_cfg, info)
     read_manifest(sft_model, expect_kind="policy")
     rm_manifest = read_manifest(reward_model, expect_kind="reward-model")
     if model_cfg.lora and not cfg.merge_lora and (Path(sft_model) / models.ADAPTER_CONFIG).is_file():
@@ -442,12 +479,14 @@ def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
 
     settings = RolloutSettings(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, max_prompt_len=cfg.max_prompt_len,
-        generation_batch_size=cfg.generation_batch_size or cfg.rollout_batch_size,
+        generation_batch_size=cfg.generation_batch_size or cfg.rows_per_step,
         forward_batch_size=cfg.forward_batch_size, kl_estimator=cfg.kl_estimator,
         missing_eos_penalty=cfg.missing_eos_penalty, gamma=cfg.gamma, lam=cfg.lam,
-        whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards)
+        whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
+        estimator=cfg.estimator, group_size=cfg.num_samples_per_prompt)
     same_vocab = tok.get_vocab() == rm_tok.get_vocab()
-    run = PPORun(cfg=cfg, info=info, policy=D.wrap(policy, info), critic=D.wrap(critic, info), ref=ref,
+    run = PPORun(cfg=cfg, info=info, policy=D.wrap(policy, info),
+                 critic=D.wrap(critic, info) if critic is not None else None, ref=ref,
                  reward_model=rm, tokenizer=tok, rm_tokenizer=None if same_vocab else rm_tok,
                  rm_max_len=int(rm_manifest.get("max_seq_len", 256)), norm=norm,
                  prompts=stream, settings=settings, opt=opt, sched=sched, kl_ctl=kl_ctl,
@@ -458,15 +497,14 @@ def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
 def _write_output(out, policy, critic, tok, metrics, cfg, model_cfg, dataset, sft_model, reward_model, run_id,
                   norm: RewardNorm) -> None:
     with atomic_dir(out) as tmp:
+        critic_dir = C.save_critic(critic, tok, tmp / "critic", cfg.critic_init)
+        C.remove_other_adapters(policy)  # critic / reward adapter: the policy artifact is the policy alone
         models.save_model(unwrap(policy), tok, tmp, merge_lora=cfg.merge_lora)
-        critic_dir = models.save_model(critic.model, tok, tmp / "critic", merge_lora=True)
-        write_json(critic_dir / "value_norm.json", {"shift": float(critic.shift), "scale": float(critic.scale),
-                                                    "init": cfg.critic_init})
         write_manifest(tmp, kind="policy", inputs={"dataset": dataset, "sft_model": sft_model,
                                                    "reward_model": reward_model},
                        config=cfg, metrics=metrics,
                        extra={"model": model_cfg.model_dump(mode="json"), "stage": "ppo", "mlflow_run_id": run_id,
-                              "critic": "critic", "reward_norm": {"mean": norm.mean, "std": norm.std},
+                              "critic": "critic" if critic_dir else None, "reward_norm": {"mean": norm.mean, "std": norm.std},
                               "lora_merged": bool(cfg.merge_lora or not model_cfg.lora)})
 
 

@@ -130,8 +130,12 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
 
 
 def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    query_len: int | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Logits (divided by ``temperature``) that predict each response token: shape (B, R, V)."""
+                    query_len: int | None = None, temperature: float = 1.0, with_hidden: bool = False):
+    """Logits (divided by ``temperature``) that predict each response token: shape (B, R, V).
+
+    ``with_hidden``: ``(logits, last_hidden_state)``, the latter (B, T, H) over all positions, from
+    the same forward pass (PPO's ``critic: shared`` reads its value head there).
+    """
     if isinstance(rollout_or_ids, Rollout):
         ids, mask, query_len = rollout_or_ids.input_ids, rollout_or_ids.attention_mask, \
             rollout_or_ids.query_ids.shape[1]
@@ -145,13 +149,17 @@ def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mas
     n_resp = ids.shape[1] - query_len
     keep = {"logits_to_keep": torch.arange(query_len - 1, ids.shape[1] - 1, device=ids.device)} \
         if _accepts_logits_to_keep(model) else {}
+    if with_hidden:
+        keep["output_hidden_states"] = True
     out = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
                 use_cache=False, **keep)
     logits = out.logits if keep and out.logits.shape[1] == n_resp else out.logits[:, -(n_resp + 1) : -1]
     logits = logits.float()
     if not torch.is_grad_enabled():  # no autograd graph to keep intact: divide in place, no second (B, R, V) copy
-        return logits.div_(temperature)
-    return logits / temperature
+        logits = logits.div_(temperature)
+    else:
+        logits = logits / temperature
+    return (logits, out.hidden_states[-1]) if with_hidden else logits
 
 
 def _accepts_logits_to_keep(model) -> bool:

@@ -177,6 +177,8 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
             tracker.log_metrics(metrics)
             with atomic_dir(out) as tmp:
                 models.save_model(model, tok, tmp, merge_lora=True)
+                if cfg.save_adapter and model_cfg.lora:  # for ppo.reward adapter (docs/ppo.md #32)
+                    models.save_model(model, tok, tmp / "adapter", merge_lora=False)
                 write_manifest(tmp, kind="reward-model", inputs={"dataset": dataset, **(
                     {"sft_model": sft_model} if sft_model else {})}, config=cfg, metrics=metrics,
                     extra={"model": model_cfg.model_dump(mode="json"), "reward_norm": norm,
