@@ -77,7 +77,9 @@ def out_of_space(exc: BaseException, path: str | Path | None = None) -> bool:
         if any(t in text for t in _NO_SPACE_TEXT) or "database or disk is full" in text:
             return True
         e = e.__cause__ or e.__context__
-    if path is not None and isinstance(exc, Exception):
+    from rlhf.errors import UserError
+
+    if path is not None and isinstance(exc, Exception) and not isinstance(exc, UserError):
         free = free_bytes(path)
         return free is not None and free < LOW_SPACE_BYTES
     return False
