@@ -314,6 +314,20 @@ def test_unsent_values_are_resent_exactly_once_by_tracking_flush(mlflow_sqlite, 
     assert len(client.get_metric_history(run_id, "loss")) == 1, "exactly once"
 
 
+def test_a_damaged_unsent_file_is_kept_and_the_others_are_sent(mlflow_sqlite, tmp_path, caplog):
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        run_id = t.run_id
+    unsent = tmp_path / "mlflow-unsent"
+    unsent.mkdir()
+    row = {"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 1, "step": 3}
+    (unsent / "a.jsonl").write_text(json.dumps(row) + "\n")
+    (unsent / "b.jsonl").write_text(json.dumps({**row, "step": 4}) + "\n" + '{"run_id": "x", "key": "lo')  # cut off
+    assert tracking.resend_unsent() == {"rows": 1, "files": 1, "kept": 1}
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3]
+    assert sorted(p.name for p in unsent.iterdir()) == ["b.jsonl"] and "b.jsonl kept: line 2" in caplog.text
+
+
 def test_values_the_store_refuses_are_saved_at_once_and_the_rest_goes_on(mlflow_sqlite, tmp_path, caplog):
     client = mlflow_sqlite
     with tracking.stage_run("sft") as t:

@@ -823,12 +823,22 @@ def resend_unsent(directory: str | Path | None = None) -> dict[str, int]:
         return out
     client, _ = connect()
     for f in files:
-        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         by_run: dict[str, list] = {}
-        for r in rows:
-            v = RunTag(r["tag"], str(r["value"])) if "tag" in r else \
-                Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r.get("step") or 0))
-            by_run.setdefault(r["run_id"], []).append(v)
+        rows, n = [], 0
+        try:
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                v = RunTag(r["tag"], str(r["value"])) if "tag" in r else \
+                    Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r.get("step") or 0))
+                by_run.setdefault(r["run_id"], []).append(v)
+                rows.append(r)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s kept: line %d is not a saved value (%s); nothing of it was sent", f, n,
+                        _one_line(e))
+            out["kept"] += 1
+            continue
         try:
             for run_id, values in by_run.items():
                 for chunk in _chunks(values):
