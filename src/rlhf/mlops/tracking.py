@@ -255,7 +255,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         path = sqlite_path(uri)
         if path is not None:
             _check_sqlite_path(path)
-    elif scheme == "file" or (not scheme and uri) or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
+    elif scheme == "file" or (not scheme and uri.startswith(("/", ".", "~"))) or \
+            (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # a plain path (or C:\...) is the file store too
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
             raise UserError(f"MLFLOW_TRACKING_URI={display_uri(uri)} is MLflow's file store, which MLflow 3 "
                             "refuses (maintenance mode)",
