@@ -170,6 +170,7 @@ def write_file_atomic(path: str | Path, text: str) -> None:
     kept = f"the previous {path} is unchanged" if path.exists() else None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # as a plain write would leave it (mkstemp makes it 0600)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
