@@ -97,3 +97,10 @@ def test_file_outputs_replace_only_their_own_receipt(tmp_path):
         check_output(notes, stage="register", kind="registration", file=True)
     with pytest.raises(UserError, match="is a directory"):
         check_output(tmp_path, stage="register", kind="registration", file=True)
+
+
+def test_an_out_the_os_refuses_is_one_line(raw, tmp_path):
+    for out in ("/proc/rlhf-dataset", "/proc/self/rlhf-dataset"):  # a virtual filesystem: no new entries
+        _refused(run_cli("prepare", "--raw", str(raw), "--out", out, cwd=tmp_path), f"cannot write the output {out}",
+                 "choose a path in a writable directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -203,6 +203,38 @@ def test_cli_reports_unreachable_server_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_unusable_tracking_stores_are_one_line_with_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("not a directory\n")
+    for uri, needle in ((f"file://{tmp_path}/mlruns", "is MLflow's file store, which MLflow 3 refuses"),
+                        (str(tmp_path / "mlruns"), "is MLflow's file store"),
+                        (f"sqlite:///{tmp_path}/afile/mlflow.db", f"{tmp_path}/afile is a file, not a directory"),
+                        (f"sqlite:///{tmp_path}", "is a directory")):
+        with pytest.raises(UserError, match="sqlite:///mlflow.db") as err:
+            tracking.check_reachable(uri)
+        assert needle in err.value.one_line()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is respected
+    tracking.check_reachable(f"file://{tmp_path}/mlruns")
+
+
+def test_a_stage_and_rlhf_run_refuse_an_unusable_tracking_uri_in_one_line(dataset, demo_raw, tmp_path):
+    from conftest import ROOT
+
+    (tmp_path / "afile").write_text("not a directory\n")
+    for args, uri, needle in (
+            (("validate", "--dataset", str(dataset), "--out", str(tmp_path / "validation")),
+             f"file://{tmp_path}/mlruns", "MLflow's file store"),
+            (("run", "--raw", str(demo_raw), "--params", str(ROOT / "params.yaml"), "--runs-dir", str(tmp_path / "runs")),
+             f"sqlite:///{tmp_path}/afile/mlflow.db", "is a file, not a directory")):
+        proc = run_cli(*args, cwd=tmp_path, env={"RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": uri,
+                                                 "RLHF_PARENT_RUN_ID": "", "RLHF_PIPELINE_RUN_ID": ""}, timeout=300)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+        assert needle in errors[0] and "MLFLOW_TRACKING_URI" in errors[0], errors[0]
+        assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "validation").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "runs").exists()  # rlhf run stopped before making its run directory
+
+
 @contextlib.contextmanager
 def store_outage(db: Path):
     """A real outage of the SQLite store: another connection holds its exclusive lock, so MLflow's writes fail
@@ -280,6 +312,20 @@ def test_unsent_values_are_resent_exactly_once_by_tracking_flush(mlflow_sqlite, 
     again = run_cli("tracking", "flush", cwd=tmp_path, env=env)
     assert again.returncode == 0 and "sent 0 value(s)" in again.stdout
     assert len(client.get_metric_history(run_id, "loss")) == 1, "exactly once"
+
+
+def test_a_damaged_unsent_file_is_kept_and_the_others_are_sent(mlflow_sqlite, tmp_path, caplog):
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        run_id = t.run_id
+    unsent = tmp_path / "mlflow-unsent"
+    unsent.mkdir()
+    row = {"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 1, "step": 3}
+    (unsent / "a.jsonl").write_text(json.dumps(row) + "\n")
+    (unsent / "b.jsonl").write_text(json.dumps({**row, "step": 4}) + "\n" + '{"run_id": "x", "key": "lo')  # cut off
+    assert tracking.resend_unsent() == {"rows": 1, "files": 1, "kept": 1}
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3]
+    assert sorted(p.name for p in unsent.iterdir()) == ["b.jsonl"] and "b.jsonl kept: line 2" in caplog.text
 
 
 def test_values_the_store_refuses_are_saved_at_once_and_the_rest_goes_on(mlflow_sqlite, tmp_path, caplog):

@@ -521,6 +521,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # a full or read-only disk is the machine's state, not a bug: one line
+        from rlhf.io import environment_error
+
+        err = environment_error(e)
+        if err is None:
+            raise
+        typer.secho(f"error: {err.one_line()}", err=True, fg=typer.colors.RED)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

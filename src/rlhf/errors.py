@@ -41,3 +41,9 @@ class ValidationFailed(UserError):
     """Data validation found failed expectations; training must not start."""
 
     exit_code = 3
+
+
+class DiskFull(UserError):
+    """A write ran out of space (ENOSPC/EDQUOT): nothing half-written was kept."""
+
+    exit_code = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,28 +42,145 @@ def sha256_path(path: str | Path) -> str:
     return sha256_dir(p) if p.is_dir() else sha256_file(p)
 
 
+#: errno values that mean the filesystem is full (space or quota)
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "storagefull")
+#: below this many free bytes a failed write is blamed on the full disk (torch.save's C++ writer, for one,
+#: reports a full disk as "unexpected pos N vs M" with no errno)
+LOW_SPACE_BYTES = 1 << 20
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes an unprivileged writer can still use on the filesystem holding ``path`` (its nearest existing
+    parent), or None when that cannot be told."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def out_of_space(exc: BaseException, path: str | Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk: ENOSPC/EDQUOT, the message of
+    a library that wraps it (safetensors, pyarrow, SQLite), or any failed write while the filesystem of
+    ``path`` has (almost) no space left."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _NO_SPACE_TEXT) or "database or disk is full" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    from rlhf.errors import UserError
+
+    if path is not None and isinstance(exc, Exception) and not isinstance(exc, UserError):
+        free = free_bytes(path)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+def no_space_error(path: str | Path, *, what: str = "", kept: str | None = None):
+    """The one-line :class:`~rlhf.errors.DiskFull` for a write to ``path`` that ran out of space."""
+    from rlhf.errors import DiskFull
+
+    free = free_bytes(path)
+    left = f", {free // 1024} KiB free" if free is not None else ""
+    return DiskFull(f"no space left on device writing {what + ' ' if what else ''}{path}{left}",
+                    hint=f"free space there or choose another location; {kept or 'nothing was written'}")
+
+
+def write_error(path: str | Path, e: OSError, *, what: str = "output"):
+    """The one-line :class:`~rlhf.errors.UserError` for an output path the OS refuses (a read-only or
+    virtual filesystem such as /proc, a missing or unwritable parent)."""
+    from rlhf.errors import UserError
+
+    reason = e.strerror or type(e).__name__
+    return UserError(f"cannot write the {what} {path}: {reason}",
+                     hint="choose a path in a writable directory, e.g. artifacts/<name>")
+
+
+def environment_error(e: OSError):
+    """A full or read-only filesystem met outside :func:`atomic_dir` as a one-line error (None: not one)."""
+    path = e.filename or ""
+    if out_of_space(e):
+        return no_space_error(path or "a file", kept="check the last output it names before rerunning")
+    if e.errno == errno.EROFS:
+        return write_error(path or "a file", e, what="file")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``.
 
     On any error the temporary directory is removed and ``out`` is left as it
-    was, so a later stage never picks up a half-written artifact.
+    was, so a later stage never picks up a half-written artifact. A full disk
+    (:func:`out_of_space`) becomes one line (:class:`~rlhf.errors.DiskFull`), as
+    does an output directory the OS refuses to create (:func:`write_error`).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        if out_of_space(e):
+            raise no_space_error(out) from None
+        raise write_error(out, e) from None
+    kept = f"the previous {out} is unchanged" if out.exists() else None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space_error(out, kept=kept) from None
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as e:  # renames need no space; a vanished or read-only parent: put the old one back
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: a full disk leaves the old
+    file (or none) and one line (:class:`~rlhf.errors.DiskFull`), never a truncated file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        if out_of_space(e):
+            raise no_space_error(path) from None
+        raise write_error(path, e, what="file") from None
+    kept = f"the previous {path} is unchanged" if path.exists() else None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # as a plain write would leave it (mkstemp makes it 0600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and out_of_space(e):
+            raise no_space_error(path, kept=kept) from None
+        raise
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -97,12 +97,13 @@ def _judgement_of(ann: dict, where: str) -> str:
             raise DataError("annotation result entries must be objects with a 'value' object", where=where)
         if r.get("from_name") == PAIRWISE or r.get("type") == "pairwise":
             sel = r["value"].get("selected")
-            if sel not in SIDES:
+            if not isinstance(sel, str) or sel not in SIDES:
                 raise DataError(f"pairwise 'value.selected' must be 'left' or 'right', got {sel!r}", where=where)
             side = SIDES[sel]
         elif r.get("from_name") == VERDICT:
             chosen = r["value"].get("choices")
-            if not isinstance(chosen, list) or len(chosen) != 1 or chosen[0] not in VERDICTS:
+            if not isinstance(chosen, list) or len(chosen) != 1 or not isinstance(chosen[0], str) \
+                    or chosen[0] not in VERDICTS:
                 raise DataError(f"'verdict' choices must be one of {sorted(VERDICTS)}, got {chosen!r}",
                                 where=where)
             verdict = VERDICTS[chosen[0]]

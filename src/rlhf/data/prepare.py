@@ -102,13 +102,31 @@ def _open(path: Path):
     return gzip.open(path, "rb") if _suffix(path).endswith(".gz") else open(path, "rb")
 
 
+def _gzip_error(e: Exception, where: str) -> DataError:
+    """A gzip file that is cut off or not gzip at all (``gzip``'s EOFError / BadGzipFile / zlib.error)."""
+    what = "truncated gzip file (it ends before the end of the compressed stream)" if isinstance(e, EOFError) \
+        else f"not a readable gzip file ({e})"
+    return DataError(what, where=where, hint="re-download or re-compress it, or remove the .gz suffix if it is "
+                                             "plain text")
+
+
+def _gzip_failures() -> tuple[type[Exception], ...]:
+    import gzip
+    import zlib
+
+    return EOFError, gzip.BadGzipFile, zlib.error
+
+
 def _iter_jsonl(path: Path, max_line_bytes: int, invalid: list[str] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) per non-blank line. A bad line raises, or with ``invalid`` (a list)
     is recorded there as its one-line error and skipped."""
     with _open(path) as f:
         line_no = 0
         while True:
-            raw = f.readline(max_line_bytes + 1)
+            try:
+                raw = f.readline(max_line_bytes + 1)
+            except _gzip_failures() as e:
+                raise _gzip_error(e, f"{path}:{line_no + 1}") from None
             if not raw:
                 break
             line_no += 1
@@ -120,7 +138,10 @@ def _iter_jsonl(path: Path, max_line_bytes: int, invalid: list[str] | None = Non
                     raise
                 invalid.append(e.one_line())
                 while len(raw) > max_line_bytes and not raw.endswith(b"\n"):  # the rest of an over-long line
-                    raw = f.readline(max_line_bytes + 1)
+                    try:
+                        raw = f.readline(max_line_bytes + 1)
+                    except _gzip_failures() as e:
+                        raise _gzip_error(e, f"{path}:{line_no}") from None
                 continue
             if record is not _BLANK:
                 yield line_no, record
@@ -155,6 +176,8 @@ def _parse_line(raw: bytes, line_no: int, where: str, max_line_bytes: int) -> An
         what = "truncated JSON record (the file ends mid-record)" if truncated else \
             f"not valid JSON: {e.msg} (column {e.colno})"
         raise DataError(what, where=where) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (int's string conversion limit)
+        raise DataError(f"not valid JSON: {str(e).split(';')[0]}", where=where) from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -163,7 +186,10 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"JSON file is {size:,} bytes, over the {MAX_JSON_FILE_BYTES:,} limit",
                         where=str(path), hint="convert it to JSONL (one record per line)")
     with _open(path) as f:
-        raw = f.read(MAX_JSON_FILE_BYTES + 1)
+        try:
+            raw = f.read(MAX_JSON_FILE_BYTES + 1)
+        except _gzip_failures() as e:
+            raise _gzip_error(e, str(path)) from None
     if len(raw) > MAX_JSON_FILE_BYTES:
         raise DataError(f"JSON file is over the {MAX_JSON_FILE_BYTES:,} byte limit", where=str(path),
                         hint="convert it to JSONL (one record per line)")
@@ -178,6 +204,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError("JSON nested too deeply", where=str(path)) from None
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (int's string conversion limit)
+        raise DataError(f"not valid JSON: {str(e).split(';')[0]}", where=str(path)) from None
     if not isinstance(data, list):
         data = [data]
     yield from enumerate(data, start=1)

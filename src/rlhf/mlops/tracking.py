@@ -252,9 +252,73 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise UserError(f"MLflow database {display_uri(uri)} is unreachable ({e.strerror or e})",
                             hint=hint) from None
     elif scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(uri)
+        if path is not None:
+            _check_sqlite_path(path)
+    elif scheme == "file" or (not scheme and uri.startswith(("/", ".", "~"))) or \
+            (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # a plain path (or C:\...) is the file store too
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise UserError(f"MLFLOW_TRACKING_URI={display_uri(uri)} is MLflow's file store, which MLflow 3 "
+                            "refuses (maintenance mode)",
+                            hint="use a database, e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db, or an "
+                                 "http(s):// server; `mlflow migrate-filestore` moves old runs") from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None: in memory)."""
+    path = uri.split(":///", 1)[-1] if ":///" in uri else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser()
+
+
+def _check_sqlite_path(path: Path) -> None:
+    """MLflow's SQLite file must be creatable or writable: else one line now, not a traceback from SQLAlchemy."""
+    hint = "point MLFLOW_TRACKING_URI at a writable file, e.g. sqlite:///mlflow.db, or set RLHF_TRACKING=off"
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"MLflow's SQLite database {path}: {parent} is a file, not a directory",
+                            where="MLFLOW_TRACKING_URI", hint=hint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of MLflow's SQLite database {path}: {e.strerror or e}",
+                        where="MLFLOW_TRACKING_URI", hint=hint) from None
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.W_OK):
+        why = " is a directory" if path.is_dir() else f": {target} is not writable (read-only file system or " \
+            "permissions)"
+        raise UserError(f"MLflow's SQLite database {path}{why}", where="MLFLOW_TRACKING_URI", hint=hint)
+
+
+@contextlib.contextmanager
+def store_errors(uri: str | None = None, hint: str | None = None) -> Iterator[None]:
+    """Failures of the tracking store itself as one line: a full disk under a SQLite (or any local) store,
+    a SQLite file that cannot be opened, a request the store refuses."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    try:
+        yield
+    except Exception as e:
+        from rlhf.io import no_space_error, out_of_space
+
+        db = sqlite_path(uri) if uri.startswith("sqlite") else None
+        if out_of_space(e, db.parent if db is not None else None):
+            raise no_space_error(db or display_uri(uri), what="MLflow's database",
+                                 kept="the stage stopped before writing its output") from None
+        if isinstance(e, UserError):
+            raise
+        if isinstance(e, MlflowException) or type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3"):
+            raise UserError(f"MLflow at {display_uri(uri)} failed: {_one_line(e)}",
+                            hint=hint or "check MLFLOW_TRACKING_URI (a writable sqlite:/// file or a reachable "
+                                         "server), or set RLHF_TRACKING=off") from None
+        if type(e).__module__.split(".")[0] in ("requests", "urllib3"):  # the server went away mid-call
+            raise UserError(f"MLflow tracking server {display_uri(uri)} stopped answering: {_one_line(e)}",
+                            hint=hint or "check the server; metrics not sent are in mlflow-unsent/ "
+                                         "(`rlhf tracking flush`)") from None
+        raise
 
 
 def _health(parsed: urllib.parse.ParseResult, timeout: float) -> None:
@@ -288,7 +352,6 @@ def connect():
     Returns ``(client, experiment_id)``.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     check_reachable(uri)
@@ -297,8 +360,27 @@ def connect():
         # MLflow prints "View run ... at: <URI with the password>" straight to stdout: not with a secret in it
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     install_log_redaction("mlflow")
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    db = sqlite_path(uri) if uri.startswith("sqlite") else None
+    new_db = db is not None and not db.exists()
+    try:
+        with store_errors(uri):
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.MlflowClient(uri)
+            exp_id = _experiment(client, uri)
+    except UserError:
+        if new_db:  # a database this call began to create (a full disk mid-migration): not left half-made
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(f"{db}{suffix}").unlink()
+        raise
+    mlflow.set_experiment(experiment_id=exp_id)
+    return client, exp_id
+
+
+def _experiment(client, uri: str) -> str:
+    """The id of the experiment named by ``MLFLOW_EXPERIMENT_NAME``, created or restored when needed."""
+    from mlflow.exceptions import MlflowException
+
     name = experiment_name()
     try:
         exp = client.get_experiment_by_name(name)
@@ -319,8 +401,7 @@ def connect():
         raise UserError(f"MLflow at {display_uri(uri)} refused the request: {_one_line(e)}",
                         hint="check MLFLOW_TRACKING_URI and the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD "
                              "or MLFLOW_TRACKING_TOKEN)") from None
-    mlflow.set_experiment(experiment_id=exp_id)
-    return client, exp_id
+    return exp_id
 
 
 def _one_line(e: BaseException) -> str:
@@ -511,13 +592,23 @@ class Tracker:
 
     def _save_unsent(self, values: list, why: str) -> Path:
         out = unsent_dir() / f"{self.run_id}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", encoding="utf-8") as f:
-            for v in values:
-                row = {"run_id": self.run_id, "tag": v.key, "value": v.value} if _is_tag(v) else \
-                    {"run_id": self.run_id, "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
-                f.write(json.dumps(row) + "\n")
+        rows = [{"run_id": self.run_id, "tag": v.key, "value": v.value} if _is_tag(v) else
+                {"run_id": self.run_id, "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
+                for v in values]
         n_tags = sum(map(_is_tag, values))
+        size = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            size = out.stat().st_size if out.exists() else 0
+            with out.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as e:  # e.g. a full disk: no half-written row that a later flush would choke on
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(out, size)
+            log.warning("%s, and saving them to %s failed (%s): %d metric value(s) and %d tag(s) of run %s are "
+                        "lost", why, out, e.strerror or e, len(values) - n_tags, n_tags, self.run_id)
+            return out
         log.warning("%s: %d metric value(s) and %d tag(s) of run %s saved to %s", why, len(values) - n_tags,
                     n_tags, self.run_id, out)
         return out
@@ -599,13 +690,15 @@ def stage_run(stage: str, config: Any = None, tags: dict[str, Any] | None = None
     all_tags = default_tags({"stage": stage, ROLE_TAG: "stage", **(tags or {})})
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, run_name=stage, tags=_run_context_tags(all_tags))
+    with store_errors():
+        run = client.create_run(exp_id, run_name=stage, tags=_run_context_tags(all_tags))
     tracker = Tracker(run, client)
     log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, display_uri())
     exc: BaseException | None = None
     try:
         if config is not None:
-            tracker.log_params(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
+            with store_errors():
+                tracker.log_params(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
         yield tracker
     except BaseException as e:
         exc = e
@@ -652,6 +745,14 @@ def start_pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-
     if not enabled():
         return None
     client, exp_id = connect()
+    with store_errors():
+        run = _find_or_create_pipeline_run(client, exp_id, pipeline_run_id, name, config, tags)
+    os.environ[ENV_PARENT] = run.info.run_id
+    return run.info.run_id
+
+
+def _find_or_create_pipeline_run(client, exp_id: str, pipeline_run_id: str, name: str, config: Any,
+                                 tags: dict[str, Any] | None):
     run = find_pipeline_run(client, exp_id, pipeline_run_id)
     if run is None:
         all_tags = default_tags({ROLE_TAG: "pipeline", "pipeline_run_id": pipeline_run_id, **(tags or {})})
@@ -665,8 +766,7 @@ def start_pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-
         if run.info.status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
         log.info("MLflow pipeline run %s reused for retried pipeline run %s", run.info.run_id, pipeline_run_id)
-    os.environ[ENV_PARENT] = run.info.run_id
-    return run.info.run_id
+    return run
 
 
 def end_pipeline_run(status: str = "FINISHED", run_id: str | None = None) -> None:
@@ -724,12 +824,22 @@ def resend_unsent(directory: str | Path | None = None) -> dict[str, int]:
         return out
     client, _ = connect()
     for f in files:
-        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         by_run: dict[str, list] = {}
-        for r in rows:
-            v = RunTag(r["tag"], str(r["value"])) if "tag" in r else \
-                Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r.get("step") or 0))
-            by_run.setdefault(r["run_id"], []).append(v)
+        rows, n = [], 0
+        try:
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                v = RunTag(r["tag"], str(r["value"])) if "tag" in r else \
+                    Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r.get("step") or 0))
+                by_run.setdefault(r["run_id"], []).append(v)
+                rows.append(r)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s kept: line %d is not a saved value (%s); nothing of it was sent", f, n,
+                        _one_line(e))
+            out["kept"] += 1
+            continue
         try:
             for run_id, values in by_run.items():
                 for chunk in _chunks(values):

@@ -30,9 +30,9 @@ RLHF_LINE = re.compile(r"^(?:\d\d:\d\d:\d\d (INFO|WARNING|ERROR) rlhf|\[KFP Exec
 DONE_LINE = re.compile(r"^\[\w+\] done: ")
 QUIET_LINE = re.compile(r"^\[\w+\] (checkpoint|saved checkpoint|resum)")
 STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+)\b")
-USER_ERROR = re.compile(r"^(?:rlhf\.errors\.)?(ValidationFailed|DataError|ConfigError|UserError): (.*)$")
+USER_ERROR = re.compile(r"^(?:rlhf\.errors\.)?(ValidationFailed|DataError|ConfigError|UserError|DiskFull): (.*)$")
 ANY_ERROR = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failed)): (.*)$")
-EXIT_CODES = {"ValidationFailed": 3, "DataError": 2, "ConfigError": 2, "UserError": 2}
+EXIT_CODES = {"ValidationFailed": 3, "DataError": 2, "ConfigError": 2, "UserError": 2, "DiskFull": 4}
 
 
 def stage_of(task: str) -> str:

@@ -387,6 +387,8 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     docker_client = _docker(image) if containers else None
     if containers:
         _check_readable(raw.resolve())
+    if tracking.enabled():  # an unusable tracking URI stops the run before its run directory exists
+        tracking.check_reachable(tracking.tracking_uri())
     run_dir = new_run_dir(runs_dir)
     pipeline_root = run_dir / "kfp"
     (run_dir / "run.json").write_text(json.dumps(

@@ -85,7 +85,7 @@ def register(policy: str | Path, reward_model: str | Path, evaluation: str | Pat
     receipt says so and nothing else happens. The version's ``pipeline_config_hash`` is the
     fingerprint of ``run``: the configuration that was trained.
     """
-    from rlhf.io import write_json
+    from rlhf.io import write_file_atomic
     from rlhf.mlops import tracking
 
     if not tracking.enabled():
@@ -95,12 +95,14 @@ def register(policy: str | Path, reward_model: str | Path, evaluation: str | Pat
         from rlhf.mlops import registry
 
         pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or run_id or None
-        doc = {"registered": True, **registry.register(
-            policy, reward_model, evaluation, cfg, pipeline_run_id=pipeline_run_id,
-            config_fingerprint=run.fingerprint())}
+        # the store failing mid-way (a server that dies): one line; a retry finds what was registered
+        with tracking.store_errors(hint="rerun when MLflow is back: a retry of the same pipeline run "
+                                        "creates no second version"):
+            doc = {"registered": True, **registry.register(
+                policy, reward_model, evaluation, cfg, pipeline_run_id=pipeline_run_id,
+                config_fingerprint=run.fingerprint())}
     doc.update({"stage": "register", "data_hash": data_hash, "data_revision": data_revision})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, json.loads(json.dumps(doc, default=str)))
+    write_file_atomic(out, json.dumps(json.loads(json.dumps(doc, default=str)), indent=2, sort_keys=True) + "\n")
     log.info("[register] %s", doc.get("decision") or doc.get("reason"))
     return doc
 

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.config import ModelConfig, PPOConfig
 from rlhf.errors import ConfigError, UserError
-from rlhf.io import read_manifest, sha256_file
+from rlhf.io import no_space_error, out_of_space, read_manifest, sha256_file
 from rlhf.train import distributed as D
 
 log = logging.getLogger("rlhf")
@@ -168,8 +168,14 @@ def save(root: str | Path, step: int, *, weights: dict[str, dict[str, torch.Tens
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # the previous checkpoints are untouched: say which one a rerun resumes from
+            previous = next((p for s, p in _step_dirs(root) if s != step and validate(p) is None), None)
+            raise no_space_error(final, what="checkpoint", kept=(
+                f"the previous checkpoint {previous} is intact and the same command resumes from it"
+                if previous is not None else "no checkpoint was kept")) from None
         raise
     prune(root, keep)
     return final
