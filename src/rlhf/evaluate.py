@@ -116,7 +116,7 @@ def curve_points(policy: str | Path, baseline: str | Path, prompts: list[str], p
     if idx is None or n == 0:
         return []
     prompts = prompts[:n]
-    base_model, base_tok, base_rollouts = loaded["baseline"]
+    base_model, _, base_rollouts = loaded["baseline"]
     first = [r for i, r in zip(range(0, n, cfg.batch_size), base_rollouts)]  # the batches holding prompts[:n]
     base = per_model["baseline"]
     points = [_point("sft", 0, sequence_kl(base_model, base_model, first, cfg.temperature)[:n],

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.config import ModelConfig, PPOConfig
+from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.train import distributed as D
 
@@ -152,7 +153,10 @@ def load(policy_dir: str | Path, entry: dict[str, Any], idx: dict[str, Any], sft
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ValueError(f"snapshot {entry['path']} does not fit the SFT policy (unexpected {unknown[:3]})")
+        raise UserError(f"PPO snapshot {entry['path']} does not fit the baseline policy (unexpected weights "
+                        f"{unknown[:3]})", where=str(Path(policy_dir) / entry["path"]),
+                        hint="pass the SFT policy the PPO run started from as the baseline, or set "
+                             "evaluate.curve_prompts 0")
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
