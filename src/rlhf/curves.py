@@ -56,6 +56,7 @@ def curve_png(points: list[dict[str, Any]]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     rm_ax = ax.twinx()
+    labelled = False
     for axis, key, colour, name in ((ax, "gold", "tab:blue", "gold score"),
                                     (rm_ax, "rm", "tab:orange", "reward-model score")):
         pts = [p for p in points if _finite(p[key]) and _finite(p["kl"])]
@@ -63,11 +64,12 @@ def curve_png(points: list[dict[str, Any]]) -> bytes:
             continue
         axis.plot([p["kl"] for p in pts], [p[key] for p in pts], "o-", color=colour, label=name)
         axis.set_ylabel(name, color=colour)
-        for p in pts:
-            axis.annotate(p["label"], (p["kl"], p[key]), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                          color=colour)
+        for p in pts if not labelled else ():  # the points of one line carry the labels (SFT, steps)
+            axis.annotate("SFT" if p["step"] == 0 else str(p["step"]), (p["kl"], p[key]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
+        labelled = True
     ax.set_xlabel("KL(policy || SFT), nats per response")
-    ax.set_title("gold and reward-model score vs KL along the PPO run")
+    ax.set_title("gold and reward-model score vs KL along the PPO run (points: PPO step)")
     handles = [h for a in (ax, rm_ax) for h in a.get_legend_handles_labels()[0]]
     if handles:
         ax.legend(handles=handles, loc="best", fontsize=8)
