@@ -18,7 +18,7 @@ from rlhf.io import sha256_file
 from rlhf.ppo.metrics import TIMING_METRICS
 
 PPO = {"total_steps": 5, "rollout_batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2, "max_new_tokens": 16,
-       "lr": 3e-4, "checkpoint_every": 1, "adaptive_kl": True, "seed": 7}
+       "lr": 3e-4, "checkpoint_every": 1, "adaptive_kl": True, "seed": 7, "snapshot_every": 1}
 
 
 def _params(tmp_path: Path, tiny_cfg) -> Path:
@@ -86,6 +86,11 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted(dataset, sf
     assert sha256_file(ref_out / "model.safetensors") == sha256_file(out / "model.safetensors")
     assert sha256_file(ref_out / "critic" / "model.safetensors") == sha256_file(out / "critic" / "model.safetensors")
     assert not ckpts.exists()  # cleaned up after success
+    # the policy snapshots (evaluate's curve): those before the checkpoint kept, the later ones taken again
+    assert json.loads((out / "manifest.json").read_text())["snapshots"]["steps"] == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        f = f"snapshots/step-{step:06d}/policy.safetensors"
+        assert sha256_file(ref_out / f) == sha256_file(out / f), f
 
 
 def test_checkpoints_of_another_run_are_kept_unless_replacing_is_asked(tmp_path):

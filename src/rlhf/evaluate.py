@@ -8,6 +8,12 @@ count half) and KL(candidate || baseline): the mean over samples of the summed
 per-token ``log p_cand - log p_base`` (k1 estimator) at the sampling
 temperature.
 
+When the candidate is a PPO output with snapshots (``ppo.snapshot_every``), each snapshot is
+evaluated the same way on the first ``curve_prompts`` eval prompts: the over-optimisation curve,
+gold and reward-model score against KL to the SFT policy, from the SFT point (KL 0) to the final
+policy; with the run's per-step training curves it goes into the report, ``curves/`` and MLflow
+(:mod:`rlhf.curves`).
+
 The gate (``gate.json``) passes when the candidate beats the baseline and the
 champion by ``gate_margin`` on ``gate_metric`` and the KL is within
 ``kl_budget``; it says which check failed and why.
@@ -25,11 +31,13 @@ from typing import Any
 
 import torch
 
+from rlhf import curves
 from rlhf.config import EvaluateConfig, ModelConfig
 from rlhf.data import demo
 from rlhf.data.prepare import load_split
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
 from rlhf.mlops import tracking
+from rlhf.ppo import snapshots
 from rlhf.train import generation, models
 from rlhf.train.loop import set_seed
 from rlhf.train.reward import score_texts
@@ -67,12 +75,73 @@ def _win_rate(a: list[float], b: list[float]) -> float:
 
 def sample_model(path: str | Path, prompts: list[str], cfg: EvaluateConfig, model_cfg: ModelConfig):
     model, tok = models.load_policy(path, model_cfg.model_copy(update={"lora": False}), for_training=False)
-    rollouts = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        rollouts.append(generation.sample(model, tok, prompts[i : i + cfg.batch_size],
-                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          generator_seed=cfg.seed + i))
-    return model, tok, rollouts
+    return model, tok, sample_loaded(model, tok, prompts, cfg)
+
+
+def sample_loaded(model, tok, prompts: list[str], cfg: EvaluateConfig) -> list[generation.Rollout]:
+    """One response per prompt, in batches of ``batch_size`` seeded by their position (the same for every model)."""
+    return [generation.sample(model, tok, prompts[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, generator_seed=cfg.seed + i)
+            for i in range(0, len(prompts), cfg.batch_size)]
+
+
+def sequence_kl(model, base_model, rollouts, temperature: float) -> list[float]:
+    """KL(model || base) per sample, on ``model``'s own samples: the summed per-token
+    ``log p_model - log p_base`` of the response (k1 estimator) at the sampling temperature."""
+    kls = []
+    with torch.no_grad():
+        for r in rollouts:
+            lp = generation.response_logprobs(model, r, temperature)
+            lb = generation.response_logprobs(base_model, r, temperature)
+            kls.extend(((lp - lb) * r.response_mask).sum(1).tolist())
+    return kls
+
+
+def _gold(prompts: list[str], texts: list[str]) -> list[float]:
+    return [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompts, texts)]
+
+
+def _point(label: str, step: int, kl: list[float], gold: list[float], rm: list[float]) -> dict[str, Any]:
+    return {"label": label, "step": step, "kl": _mean(kl), "gold": _mean(gold), "rm": _mean(rm), "n_prompts": len(kl)}
+
+
+def curve_points(policy: str | Path, baseline: str | Path, prompts: list[str], per_model, loaded,
+                 policy_kls: list[float], rm, rm_tok, max_len: int, cfg: EvaluateConfig,
+                 model_cfg: ModelConfig) -> list[dict[str, Any]]:
+    """The over-optimisation curve over the candidate's PPO snapshots on the first ``curve_prompts`` prompts:
+    the SFT point (its KL to itself, 0), each snapshot (sampled, scored, KL to the SFT policy as for the
+    candidate) and the final policy (the candidate's own samples). [] when the candidate has no snapshots."""
+    idx = snapshots.index(policy)
+    n = min(cfg.curve_prompts, len(prompts))
+    if idx is None or n == 0:
+        return []
+    prompts = prompts[:n]
+    base_model, _, base_rollouts = loaded["baseline"]
+    first = [r for i, r in zip(range(0, n, cfg.batch_size), base_rollouts)]  # the batches holding prompts[:n]
+    base = per_model["baseline"]
+    points = [_point("sft", 0, sequence_kl(base_model, base_model, first, cfg.temperature)[:n],
+                     base["gold"][:n], base["rm"][:n])]
+    entries = idx.get("snapshots", [])
+    pol_manifest = read_manifest(policy)
+    if entries and idx.get("lora") and \
+            pol_manifest.get("inputs", {}).get("sft_model") != read_manifest(baseline).get("content_hash"):
+        log.warning("[evaluate] the baseline is not the SFT policy the PPO run started from: its LoRA snapshots "
+                    "do not apply to it; the curve shows the SFT baseline and the final policy only")
+        entries = []
+    for entry in entries:
+        model, tok = snapshots.load(policy, entry, idx, baseline, model_cfg)
+        rollouts = sample_loaded(model, tok, prompts, cfg)
+        texts = [t for r in rollouts for t in r.texts]
+        points.append(_point(f"step {entry['step']}", int(entry["step"]),
+                             sequence_kl(model, base_model, rollouts, cfg.temperature), _gold(prompts, texts),
+                             score_texts(rm, rm_tok, prompts, texts, max_len).tolist()))
+        del model
+    final_step = int((pol_manifest.get("metrics") or {}).get("steps") or idx.get("total_steps") or 0)
+    pol = per_model["policy"]
+    points.append(_point(f"final (step {final_step})", final_step, policy_kls[:n], pol["gold"][:n], pol["rm"][:n]))
+    log.info("[evaluate] gold/reward vs KL: %s", ", ".join(f"{p['label']}: KL {p['kl']:.2f} gold {p['gold']:.2f} "
+                                                          f"RM {p['rm']:.2f}" for p in points))
+    return points
 
 
 def _plots(per_model: dict[str, dict[str, list[float]]]) -> str:
@@ -155,7 +224,7 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
         texts = [t for r in rollouts for t in r.texts]
         per_model[name] = {
             "texts": texts,
-            "gold": [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompts, texts)],
+            "gold": _gold(prompts, texts),
             "rm": score_texts(rm, rm_tok, prompts, texts, max_len).tolist(),
             "tokens": torch.cat([r.lengths for r in rollouts]).float().tolist(),
             "eos": torch.cat([r.has_eos for r in rollouts]).float().tolist(),
@@ -164,13 +233,11 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
 
     # KL(policy || baseline) on the policy's own samples, at the sampling temperature
     pol_model, _, pol_rollouts = loaded["policy"]
-    base_model = loaded["baseline"][0]
-    with torch.no_grad():
-        kls = []
-        for r in pol_rollouts:
-            lp = generation.response_logprobs(pol_model, r, cfg.temperature)
-            lb = generation.response_logprobs(base_model, r, cfg.temperature)
-            kls.extend(((lp - lb) * r.response_mask).sum(1).tolist())
+    kls = sequence_kl(pol_model, loaded["baseline"][0], pol_rollouts, cfg.temperature)
+    del pol_model, loaded["policy"]
+    loaded.pop("champion", None)  # the snapshots load one at a time beside the baseline
+    points = curve_points(policy, baseline, prompts, per_model, loaded, kls, rm, rm_tok, max_len, cfg, model_cfg)
+    steps = snapshots.step_metrics(policy)
     del loaded
 
     metrics: dict[str, Any] = {}
@@ -190,6 +257,9 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     rm_accuracy = (rm_manifest.get("metrics") or {}).get("eval_accuracy")
     if isinstance(rm_accuracy, (int, float)):
         metrics["reward_model_eval_accuracy"] = float(rm_accuracy)
+    best = curves.best_gold(points)
+    if best is not None:
+        metrics.update({"curve_best_gold_step": best["step"], "curve_best_gold_kl": best["kl"]})
     decision = gate(metrics, cfg, champion is not None, metrics.get("reward_model_eval_accuracy"))
     metrics["gate_passed"] = int(decision["passed"])
 
@@ -199,12 +269,25 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     with tracking.stage_run("evaluate", cfg) as tracker:
         tracker.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
         tracker.set_tags({"gate_passed": decision["passed"], "gate_reason": decision["reason"][:500]})
+        for p in points:  # the curve as MLflow metrics too, one "step" per PPO step
+            tracker.log_metrics({"curve_kl": p["kl"], "curve_gold": p["gold"], "curve_rm": p["rm"]}, step=p["step"])
+        figures = {}
+        if points:
+            figures[curves.CURVE_PNG] = curves.curve_png(points)
+        if steps:
+            figures[curves.TRAINING_PNG] = curves.training_png(steps)
         with atomic_dir(out) as tmp:
             write_json(tmp / "metrics.json", metrics)
             write_json(tmp / "gate.json", decision)
             write_json(tmp / "samples.json", samples)
-            (tmp / "report.html").write_text(_report(metrics, decision, samples, per_model, cfg, named),
-                                             encoding="utf-8")
+            if figures:
+                (tmp / "curves").mkdir()
+                for name, png in figures.items():
+                    (tmp / "curves" / name).write_bytes(png)
+                if points:
+                    curves.write_tables(points, tmp / "curves")
+            (tmp / "report.html").write_text(_report(metrics, decision, samples, per_model, cfg, named, points,
+                                                     figures), encoding="utf-8")
             write_manifest(tmp, kind="evaluation", inputs={k: v for k, v in {**named, "reward_model": reward_model,
                                                                                "dataset": dataset}.items()},
                            config=cfg, metrics=metrics, extra={"gate": decision, "mlflow_run_id": tracker.run_id})
@@ -216,7 +299,28 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     return metrics
 
 
-def _report(metrics, decision, samples, per_model, cfg, named) -> str:
+def _curve_section(points: list[dict[str, Any]], figures: dict[str, bytes]) -> str:
+    """The report's curves: gold/RM vs KL (with its table) and the PPO training curves, where present."""
+    parts = []
+    if curves.CURVE_PNG in figures:
+        rows = "".join(f"<tr><td>{html.escape(p['label'])}</td>" + "".join(
+            f"<td>{p[k]:.3f}</td>" for k in ("kl", "gold", "rm")) + "</tr>" for p in points)
+        parts.append(
+            "<h2>Gold and reward vs KL along the PPO run</h2><p>Each point is a policy of the run (SFT, the PPO "
+            f"snapshots, the final policy) on the first {points[0]['n_prompts']} eval prompts. A reward-model score "
+            "that keeps rising while gold turns down is over-optimisation of the reward model; the KL where gold "
+            "peaks is a sensible KL budget (<code>evaluate.kl_budget</code>, <code>ppo.kl_coef</code>).</p>"
+            f'<img src="data:image/png;base64,{base64.b64encode(figures[curves.CURVE_PNG]).decode()}" '
+            'alt="gold and reward-model score vs KL">'
+            f"<table><tr><th>policy</th><th>KL to SFT</th><th>gold</th><th>RM score</th></tr>{rows}</table>")
+    if curves.TRAINING_PNG in figures:
+        parts.append("<h2>PPO training curves</h2><p>Per step, on the training rollouts.</p>"
+                     f'<img src="data:image/png;base64,{base64.b64encode(figures[curves.TRAINING_PNG]).decode()}" '
+                     'alt="PPO training curves">')
+    return "".join(parts)
+
+
+def _report(metrics, decision, samples, per_model, cfg, named, points=(), figures=None) -> str:
     names = list(per_model)
     rows = ["gold_mean", "rm_mean", "response_tokens", "eos_rate", "distinct_2", "repetition_rate", "words"]
     table = "".join(f"<tr><th>{r}</th>" + "".join(f"<td>{metrics[f'{n}_{r}']:.3f}</td>" for n in names) + "</tr>"
@@ -240,6 +344,7 @@ vertical-align:top;text-align:left}}table{{border-collapse:collapse;margin-botto
 <h2>Metrics ({metrics['n_prompts']} eval prompts, temperature {cfg.temperature}, seed {cfg.seed})</h2>
 <table><tr><th></th>{''.join(f'<th>{n}</th>' for n in names)}</tr>{table}{extra}</table>
 <h2>Score distributions</h2><img src="data:image/png;base64,{_plots(per_model)}" alt="score histograms">
+{_curve_section(list(points), figures or {})}
 <h2>Side-by-side samples</h2>
 <table><tr><th>prompt</th>{''.join(f'<th>{n}</th>' for n in names)}</tr>{sample_rows}</table>
 </body></html>"""

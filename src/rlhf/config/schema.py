@@ -102,6 +102,8 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(32, ge=1)
     seed: int = 1234
     n_samples_in_report: int = Field(12, ge=0)
+    curve_prompts: int = Field(32, ge=0, description="eval prompts (the first ones) per point of the gold and "
+                               "reward vs KL curve over the candidate's PPO snapshots; 0: no curve")
     # gate: the candidate must beat the baseline (and the champion, if any) by a margin, within a KL budget
     gate_metric: Literal["gold", "rm"] = "gold"
     gate_margin: float = Field(0.0, description="required improvement of the gate metric's mean")
@@ -191,6 +193,8 @@ class PPOConfig(StageConfig):
         False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
                            "checkpoint directory; false: stop with an error and keep them")
     log_every: int = Field(1, ge=1, description="progress line every N steps")
+    snapshot_every: int = Field(12, ge=0, description="keep the policy's weights every N steps in <out>/snapshots "
+                                "for evaluate's gold/reward-vs-KL curve (0: none; the output is the last point)")
     seed: int = 0
 
     @property

@@ -199,7 +199,8 @@ STAGES: tuple[Stage, ...] = (
                         kind="champion", optional=True)),
           output=Output("evaluation", "artifacts/evaluation", "where metrics, report and gate go", "Artifact",
                         kind="evaluation"),
-          sections=("evaluate", "model"), reads=("register",), code=(f"{PY}/evaluate.py", f"{PY}/train/generation.py"),
+          sections=("evaluate", "model"), reads=("register",),
+          code=(f"{PY}/evaluate.py", f"{PY}/curves.py", f"{PY}/ppo/snapshots.py", f"{PY}/train/generation.py"),
           done=_evaluate_done, display="Evaluate + gate", timeout_s=4 * 3600, gpu=True, report=True,
           returns_gate=True, cache=False,  # reads the registry's champion: the same inputs may mean another gate
           options=(Option("champion_from_registry", ("--champion-from-registry",), bool, False,

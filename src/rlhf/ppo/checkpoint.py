@@ -265,7 +265,7 @@ def clear_stale(root: str | Path, fingerprint: str) -> int:
 def fingerprint(cfg: PPOConfig, model_cfg: ModelConfig, inputs: dict[str, str], world_size: int) -> str:
     """What makes two runs the same run (so a checkpoint of one may continue the other)."""
     ignore = {"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
-              "resume", "replace_stale_checkpoints", "log_every"}
+              "resume", "replace_stale_checkpoints", "log_every", "snapshot_every"}
     c = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignore}
     m = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in ("cache_dir",)}
     blob = json.dumps({"ppo": c, "model": m, "inputs": inputs, "world_size": world_size}, sort_keys=True)

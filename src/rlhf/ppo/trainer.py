@@ -50,6 +50,7 @@ from rlhf.mlops import tracking
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo import critic as C
 from rlhf.ppo import loss as L
+from rlhf.ppo import snapshots as snap
 from rlhf.ppo.metrics import StepLog, UpdateStats, mean_update_stats
 from rlhf.ppo.reward_adapter import load_reward_adapter
 from rlhf.ppo.rollout import (
@@ -348,7 +349,8 @@ class PPORun:
                                          self.rm_max_len, self.cfg.forward_batch_size)
 
 
-def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints) -> None:
+def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints,
+              snapshots: snap.RunSnapshots | None = None) -> None:
     """The PPO loop, from the step after ``run.start_step`` to ``total_steps`` (every rank runs it)."""
     cfg, info = run.cfg, run.info
     global_prompts = cfg.rollout_batch_size * info.world_size
@@ -375,6 +377,8 @@ def run_steps(run: PPORun, book: StepLog, checkpoints: ckpt.RunCheckpoints) -> N
         # bookkeeping: metrics, beta from this batch's KL, now and then a checkpoint
         m = book.record(step, exp, upd, beta, lr, samples.gen_seconds)
         run.kl_ctl.update(m["kl"], cfg.rows_per_step * info.world_size)
+        if snapshots is not None and snapshots.due(step):  # evaluate's curve; before the checkpoint it survives
+            snapshots.save(step, unwrap(run.policy), m)
         if checkpoints.due(step):
             checkpoints.save(step, unwrap(run.policy), unwrap(run.critic), run.opt, run.sched, run.kl_ctl,
                              book.history)
@@ -413,7 +417,8 @@ def _train(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
                  "KL %s beta=%s%s, %s", cfg.total_steps, cfg.rollout_batch_size * info.world_size,
                  info.world_size, cfg.ppo_epochs, cfg.num_minibatches, cfg.kl_estimator, cfg.kl_coef,
                  f" adaptive to {cfg.kl_target}" if cfg.adaptive_kl else "", _estimator_line(cfg))
-        run_steps(run, book, checkpoints)
+        snapshots = snap.RunSnapshots(out, cfg, model_cfg, checkpoints.fingerprint, run.start_step, info)
+        run_steps(run, book, checkpoints, snapshots)
         policy, critic = unwrap(run.policy), unwrap(run.critic)
         in_sync = D.check_in_sync(*[m for m in (policy, critic) if m is not None])
         metrics = book.summary(in_sync)
@@ -423,7 +428,8 @@ def _train(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))
                                  and not (isinstance(v, float) and math.isnan(v))})
             _write_output(out, policy, critic, run.tokenizer, metrics, cfg, model_cfg, dataset, sft_model,
-                          reward_model, tracker.run_id, run.norm)
+                          reward_model, tracker.run_id, run.norm,
+                          publish=lambda tmp: snapshots.publish(tmp, book.history))
             checkpoints.remove()
     D.barrier()
     log.info("[ppo] gold %.3f -> %.3f, score %.3f -> %.3f, KL %.3f (%s); policy in %s",
@@ -495,8 +501,9 @@ def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
 
 
 def _write_output(out, policy, critic, tok, metrics, cfg, model_cfg, dataset, sft_model, reward_model, run_id,
-                  norm: RewardNorm) -> None:
+                  norm: RewardNorm, publish=None) -> None:
     with atomic_dir(out) as tmp:
+        published = publish(tmp) if publish else {}  # snapshots + per-step metrics (rlhf.ppo.snapshots)
         critic_dir = C.save_critic(critic, tok, tmp / "critic", cfg.critic_init)
         C.remove_other_adapters(policy)  # critic / reward adapter: the policy artifact is the policy alone
         models.save_model(unwrap(policy), tok, tmp, merge_lora=cfg.merge_lora)
@@ -505,7 +512,7 @@ def _write_output(out, policy, critic, tok, metrics, cfg, model_cfg, dataset, sf
                        config=cfg, metrics=metrics,
                        extra={"model": model_cfg.model_dump(mode="json"), "stage": "ppo", "mlflow_run_id": run_id,
                               "critic": "critic" if critic_dir else None, "reward_norm": {"mean": norm.mean, "std": norm.std},
-                              "lora_merged": bool(cfg.merge_lora or not model_cfg.lora)})
+                              "lora_merged": bool(cfg.merge_lora or not model_cfg.lora), **published})
 
 
 __all__ = ["train_ppo", "run_steps", "PPORun", "ppo_update", "optimizer_step", "minibatch_plan",
