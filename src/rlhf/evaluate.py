@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from rlhf.config import EvaluateConfig, ModelConfig
-from rlhf.data import demo
-from rlhf.data.prepare import load_split
+from rlhf.data import conversation, demo
+from rlhf.data.prepare import load_split, prompt_conversations
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
 from rlhf.mlops import tracking
 from rlhf.train import generation, models
@@ -65,7 +65,8 @@ def _win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in pairs) / len(pairs)
 
 
-def sample_model(path: str | Path, prompts: list[str], cfg: EvaluateConfig, model_cfg: ModelConfig):
+def sample_model(path: str | Path, prompts: list[conversation.Messages], cfg: EvaluateConfig,
+                 model_cfg: ModelConfig):
     model, tok = models.load_policy(path, model_cfg.model_copy(update={"lora": False}), for_training=False)
     rollouts = []
     for i in range(0, len(prompts), cfg.batch_size):
@@ -141,7 +142,8 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     """Compare ``policy`` with ``baseline`` (the SFT policy) and optionally ``champion``; write report + gate."""
     cfg, model_cfg = cfg or EvaluateConfig(), model_cfg or ModelConfig()
     set_seed(cfg.seed)
-    prompts = load_split(dataset, "prompts", "eval")["prompt"].tolist()[: cfg.n_prompts]
+    prompts = prompt_conversations(load_split(dataset, "prompts", "eval").head(cfg.n_prompts))
+    prompt_texts = [conversation.render(p) for p in prompts]  # the gold score and the report read the text
     rm_manifest = read_manifest(reward_model, expect_kind="reward-model")
     max_len = rm_manifest.get("max_seq_len", 256)
     rm, rm_tok = models.load_reward_model(reward_model, model_cfg.model_copy(update={"lora": False}),
@@ -155,7 +157,7 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
         texts = [t for r in rollouts for t in r.texts]
         per_model[name] = {
             "texts": texts,
-            "gold": [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompts, texts)],
+            "gold": [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompt_texts, texts)],
             "rm": score_texts(rm, rm_tok, prompts, texts, max_len).tolist(),
             "tokens": torch.cat([r.lengths for r in rollouts]).float().tolist(),
             "eos": torch.cat([r.has_eos for r in rollouts]).float().tolist(),
@@ -193,9 +195,10 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     decision = gate(metrics, cfg, champion is not None, metrics.get("reward_model_eval_accuracy"))
     metrics["gate_passed"] = int(decision["passed"])
 
-    samples = [{"prompt": p, **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],
-                                    "rm": per_model[n]["rm"][i]} for n in per_model}}
-               for i, p in enumerate(prompts)]
+    samples = [{"prompt": p, **({"prompt_messages": m} if len(m) > 1 else {}),
+                **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],
+                       "rm": per_model[n]["rm"][i]} for n in per_model}}
+               for i, (p, m) in enumerate(zip(prompt_texts, prompts))]
     with tracking.stage_run("evaluate", cfg) as tracker:
         tracker.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
         tracker.set_tags({"gate_passed": decision["passed"], "gate_reason": decision["reason"][:500]})

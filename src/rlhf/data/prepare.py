@@ -296,11 +296,13 @@ def parse_record(rec: Any, where: str) -> Record:
 def labelstudio_records(task: dict, where: str) -> list[Record]:
     """A Label Studio export task -> one preference record per a/b annotation (others give none)."""
     texts = labelstudio.task_texts(task, where)
+    turns = task["data"].get("prompt_messages")  # a conversation pushed by `rlhf feedback push`
+    prompt = _messages(turns, where, "data.prompt_messages") if turns is not None else texts["prompt"]
     out = []
     for j in labelstudio.task_judgements(task, where):
         pair = labelstudio.preference(texts, j.choice)
         if pair is not None:
-            out.append(Record("preferences", {"prompt": texts["prompt"], "chosen": pair[0], "rejected": pair[1],
+            out.append(Record("preferences", {"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
                                               "annotator": j.annotator, "time": j.time}, where))
     return out
 
