@@ -251,3 +251,41 @@ def test_stages_train_and_evaluate_on_conversations(tmp_path, tiny_cfg):
     samples = json.loads((tmp_path / "eval" / "samples.json").read_text())
     assert samples and all(len(s["prompt_messages"]) in (3, 4) and s["prompt_messages"][-1]["role"] == "user"
                            and "Human: I have question" in s["prompt"] for s in samples)  # the turns, and the text
+
+
+# ---------------------------------------------------------------- the feedback loop
+
+
+def test_feedback_batches_and_exports_keep_the_turns(tmp_path):
+    from rlhf.feedback.batch import ITEM_FIELDS, items_bytes, load_batch, write_batch
+    from rlhf.feedback.export import rows_for
+    from rlhf.feedback.labelstudio import rows_from_tasks, task_of
+
+    conv = {"item_id": "0000", "prompt": conversation.render(HISTORY), "prompt_messages": HISTORY,
+            "response_a": "Three times a week.", "response_b": "Never.", "source_a": {}, "source_b": {}}
+    single = {"item_id": "0001", "prompt": "Tip for sleep?", "response_a": "Keep a routine.",
+              "response_b": "Stay up.", "source_a": {}, "source_b": {}}
+    # a single-turn item is written exactly as before (so batch ids do not change)
+    assert items_bytes([single]) == (json.dumps({k: single[k] for k in ITEM_FIELDS}, sort_keys=True) + "\n").encode()
+    batch = write_batch([conv, single], tmp_path / "batches", {"model_name": "test"})
+    assert load_batch(batch.path).items[0]["prompt_messages"] == HISTORY
+    labels = [{"item_id": i, "annotator": "ann-1", "updated": "2026-12-01T20:00:00Z", "flipped": False,
+               "winner": "a", "choice": "a", "reason": None} for i in ("0000", "0001")]
+    pairs, _ = rows_for(batch, labels)
+    assert [p["prompt"] for p in pairs] == [HISTORY, "Tip for sleep?"]  # the turns go back, not the text
+    # through Label Studio: the task carries the turns, and its export gives them back
+    task = {"id": 1, **task_of(conv, batch.batch_id),
+            "annotations": [{"id": 1, "completed_by": 3, "was_cancelled": False, "created_at": "2026-12-01T20:00:00Z",
+                             "result": [{"from_name": "pw", "to_name": "pw", "type": "pairwise",
+                                         "value": {"selected": "left"}}]}]}
+    assert task["data"]["prompt"] == conv["prompt"]  # what the annotator reads
+    rows, _ = rows_from_tasks([task], {3: "ann-2"})
+    assert rows[0]["prompt"] == HISTORY
+    # prepare reads both back as the conversation: our export rows, and a raw Label Studio export
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _jsonl(raw / "feedback.jsonl", pairs)
+    (raw / "labelstudio.json").write_text(json.dumps([task]), encoding="utf-8")
+    prepare(raw, tmp_path / "out", PrepareConfig(eval_fraction=0.01))
+    prefs = _all(tmp_path / "out", "preferences")
+    assert sum(c == HISTORY for c in prompt_conversations(prefs)) == 2
