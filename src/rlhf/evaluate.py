@@ -33,8 +33,8 @@ import torch
 
 from rlhf import curves
 from rlhf.config import EvaluateConfig, ModelConfig
-from rlhf.data import demo
-from rlhf.data.prepare import load_split
+from rlhf.data import conversation, demo
+from rlhf.data.prepare import load_split, prompt_conversations
 from rlhf.io import atomic_dir, read_manifest, write_json, write_manifest
 from rlhf.mlops import tracking
 from rlhf.ppo import snapshots
@@ -73,12 +73,13 @@ def _win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in pairs) / len(pairs)
 
 
-def sample_model(path: str | Path, prompts: list[str], cfg: EvaluateConfig, model_cfg: ModelConfig):
+def sample_model(path: str | Path, prompts: list[conversation.Messages], cfg: EvaluateConfig,
+                 model_cfg: ModelConfig):
     model, tok = models.load_policy(path, model_cfg.model_copy(update={"lora": False}), for_training=False)
     return model, tok, sample_loaded(model, tok, prompts, cfg)
 
 
-def sample_loaded(model, tok, prompts: list[str], cfg: EvaluateConfig) -> list[generation.Rollout]:
+def sample_loaded(model, tok, prompts: list[conversation.Messages], cfg: EvaluateConfig) -> list[generation.Rollout]:
     """One response per prompt, in batches of ``batch_size`` seeded by their position (the same for every model)."""
     return [generation.sample(model, tok, prompts[i : i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, generator_seed=cfg.seed + i)
@@ -105,7 +106,7 @@ def _point(label: str, step: int, kl: list[float], gold: list[float], rm: list[f
     return {"label": label, "step": step, "kl": _mean(kl), "gold": _mean(gold), "rm": _mean(rm), "n_prompts": len(kl)}
 
 
-def curve_points(policy: str | Path, baseline: str | Path, prompts: list[str], per_model, loaded,
+def curve_points(policy: str | Path, baseline: str | Path, prompts: list[conversation.Messages], per_model, loaded,
                  policy_kls: list[float], rm, rm_tok, max_len: int, cfg: EvaluateConfig,
                  model_cfg: ModelConfig) -> list[dict[str, Any]]:
     """The over-optimisation curve over the candidate's PPO snapshots on the first ``curve_prompts`` prompts:
@@ -133,7 +134,8 @@ def curve_points(policy: str | Path, baseline: str | Path, prompts: list[str], p
         rollouts = sample_loaded(model, tok, prompts, cfg)
         texts = [t for r in rollouts for t in r.texts]
         points.append(_point(f"step {entry['step']}", int(entry["step"]),
-                             sequence_kl(model, base_model, rollouts, cfg.temperature), _gold(prompts, texts),
+                             sequence_kl(model, base_model, rollouts, cfg.temperature),
+                             _gold([conversation.render(p) for p in prompts], texts),
                              score_texts(rm, rm_tok, prompts, texts, max_len).tolist()))
         del model
     final_step = int((pol_manifest.get("metrics") or {}).get("steps") or idx.get("total_steps") or 0)
@@ -210,7 +212,8 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     """Compare ``policy`` with ``baseline`` (the SFT policy) and optionally ``champion``; write report + gate."""
     cfg, model_cfg = cfg or EvaluateConfig(), model_cfg or ModelConfig()
     set_seed(cfg.seed)
-    prompts = load_split(dataset, "prompts", "eval")["prompt"].tolist()[: cfg.n_prompts]
+    prompts = prompt_conversations(load_split(dataset, "prompts", "eval").head(cfg.n_prompts))
+    prompt_texts = [conversation.render(p) for p in prompts]  # the gold score and the report read the text
     rm_manifest = read_manifest(reward_model, expect_kind="reward-model")
     max_len = rm_manifest.get("max_seq_len", 256)
     rm, rm_tok = models.load_reward_model(reward_model, model_cfg.model_copy(update={"lora": False}),
@@ -224,7 +227,7 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
         texts = [t for r in rollouts for t in r.texts]
         per_model[name] = {
             "texts": texts,
-            "gold": _gold(prompts, texts),
+            "gold": _gold(prompt_texts, texts),
             "rm": score_texts(rm, rm_tok, prompts, texts, max_len).tolist(),
             "tokens": torch.cat([r.lengths for r in rollouts]).float().tolist(),
             "eos": torch.cat([r.has_eos for r in rollouts]).float().tolist(),
@@ -263,9 +266,10 @@ def evaluate(dataset: str | Path, policy: str | Path, baseline: str | Path, rewa
     decision = gate(metrics, cfg, champion is not None, metrics.get("reward_model_eval_accuracy"))
     metrics["gate_passed"] = int(decision["passed"])
 
-    samples = [{"prompt": p, **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],
-                                    "rm": per_model[n]["rm"][i]} for n in per_model}}
-               for i, p in enumerate(prompts)]
+    samples = [{"prompt": p, **({"prompt_messages": m} if len(m) > 1 else {}),
+                **{n: {"text": per_model[n]["texts"][i], "gold": per_model[n]["gold"][i],
+                       "rm": per_model[n]["rm"][i]} for n in per_model}}
+               for i, (p, m) in enumerate(zip(prompt_texts, prompts))]
     with tracking.stage_run("evaluate", cfg) as tracker:
         tracker.log_metrics({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
         tracker.set_tags({"gate_passed": decision["passed"], "gate_reason": decision["reason"][:500]})

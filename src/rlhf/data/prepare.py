@@ -5,14 +5,16 @@ Accepted input (a file, or a directory whose ``*.jsonl`` / ``*.json`` files, gzi
 
 * our JSONL, one record per line, the kind told by its fields:
   ``sft``: ``prompt`` + ``response``; ``preferences``: ``prompt`` + ``chosen`` +
-  ``rejected`` (optional ``annotator``, ``time``); ``prompts``: ``prompt``;
+  ``rejected`` (optional ``annotator``, ``time``); ``prompts``: ``prompt``. A ``prompt`` is a
+  text (one user turn) or a list of ``{"role", "content"}`` messages ending with a user turn;
 * chat messages: ``{"messages": [{"role", "content"}, ...]}`` (JSONL, or a
   ``.json`` file holding a list of such records or of bare message lists); the
-  final assistant turn is the response, everything before it the prompt;
+  final assistant turn is the response, the turns before it the prompt's conversation;
   ``{"chosen": [messages], "rejected": [messages]}`` is a preference pair;
 * Anthropic HH-RLHF transcripts: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
-  "rejected": ...}``: split into the shared prompt and the two final assistant
-  replies; multi-turn history stays in the prompt;
+  "rejected": ...}``: split on the ``Human:`` / ``Assistant:`` markers into turns; the turns before
+  the final assistant reply (which chosen and rejected must share) are the conversation, the two
+  final replies the pair;
 * a Label Studio JSON export of a pairwise project pushed by ``rlhf feedback push`` (a list of
   tasks with ``data`` and ``annotations``): each a/b annotation is a preference pair with its
   annotator; ties, both-bad and skips give no pair (see :mod:`rlhf.data.labelstudio`).
@@ -25,9 +27,16 @@ named in the manifest), up to ``max_invalid_fraction`` of them.
 Preference pairs without any demonstrations: SFT trains on the chosen replies (said in the
 manifest's ``sft_source``).
 
-Output: ``<out>/<kind>/{train,eval}.parquet`` + ``manifest.json``. The split is
-a hash of the prompt (so a prompt is never on both sides, in any kind), and
-exact duplicate records are removed and counted.
+A conversation keeps its turns (:mod:`rlhf.data.conversation`): system turns first, then user and
+assistant turns alternating, the last one a user turn; one that breaks the rule is a malformed
+record (an error naming file and line, or skipped with ``on_invalid: skip``).
+
+Output: ``<out>/<kind>/{train,eval}.parquet`` + ``manifest.json``. Every kind has ``prompt_messages``
+(the conversation before the reply, ``list<struct<role, content>>``; one user turn for a text
+prompt), which the training stages encode, and ``prompt``, its readable rendering (the text itself
+for one user turn, else a ``Human: ... / Assistant: ...`` transcript). The split is a hash of
+``prompt`` (so a prompt is never on both sides, in any kind), and exact duplicate records are
+removed and counted.
 """
 
 from __future__ import annotations
@@ -40,18 +49,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from rlhf.config import PrepareConfig
-from rlhf.data import labelstudio
+from rlhf.data import conversation, labelstudio
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, sha256_file, write_manifest
 
 KINDS = ("sft", "preferences", "prompts")
 COLUMNS = {
-    "sft": ["prompt", "response", "source"],
-    "preferences": ["prompt", "chosen", "rejected", "annotator", "time", "source"],
-    "prompts": ["prompt", "source"],
+    "sft": ["prompt", "prompt_messages", "response", "source"],
+    "preferences": ["prompt", "prompt_messages", "chosen", "rejected", "annotator", "time", "source"],
+    "prompts": ["prompt", "prompt_messages", "source"],
 }
+#: ``prompt_messages``: the conversation before the reply (:mod:`rlhf.data.conversation`); every other
+#: column is text
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 MAX_JSON_FILE_BYTES = 256 << 20
 
@@ -215,32 +228,31 @@ def _is_messages(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(m, dict) and "role" in m for m in v) and len(v) > 0
 
 
-def _render_history(turns: list[tuple[str, str]]) -> str:
-    """The prompt text for a conversation: a single user turn as is, else a labelled transcript."""
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1]
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names.get(r, r.capitalize())}: {c}" for r, c in turns)
+def _split_messages(msgs: Any, where: str, fld: str) -> tuple[list[dict], str]:
+    """A message list ending with an assistant turn -> (the turns before it, its content)."""
+    turns = _messages(msgs, where, fld)
+    if turns[-1]["role"] != "assistant" or len(turns) < 2:
+        raise DataError(f"'{fld}' must end with an assistant turn after at least one user turn", where=where)
+    return turns[:-1], turns[-1]["content"]
 
 
-def _split_messages(msgs: Any, where: str, fld: str) -> tuple[str, str]:
+def _messages(msgs: Any, where: str, fld: str) -> list[dict]:
     if not _is_messages(msgs):
         raise DataError(f"field '{fld}' must be a list of {{role, content}} messages, got {_type_name(msgs)}",
                         where=where)
     turns = []
     for i, m in enumerate(msgs):
         role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+        if not isinstance(role, str) or role not in conversation.ROLES:
             raise DataError(f"{fld}[{i}].role must be system, user or assistant, got {role!r}", where=where)
         if not isinstance(content, str):
             raise DataError(f"{fld}[{i}].content must be text, got {_type_name(content)}", where=where)
-        turns.append((role, content))
-    if turns[-1][0] != "assistant" or len(turns) < 2:
-        raise DataError(f"'{fld}' must end with an assistant turn after at least one user turn", where=where)
-    return _render_history(turns[:-1]), turns[-1][1]
+        turns.append({"role": role, "content": content})
+    return turns
 
 
-def _split_hh(transcript: str, where: str, fld: str) -> tuple[str, str]:
+def _split_hh(transcript: str, where: str, fld: str) -> tuple[list[dict], str]:
+    """An HH-RLHF transcript -> (the turns before the final assistant reply, the reply)."""
     t = transcript.replace("\r\n", "\n")
     marker = "\n\nAssistant:"
     idx = t.rfind(marker)
@@ -248,20 +260,31 @@ def _split_hh(transcript: str, where: str, fld: str) -> tuple[str, str]:
         raise DataError(f"field '{fld}' is not an HH-RLHF transcript ('\\n\\nHuman:' ... '\\n\\nAssistant:')",
                         where=where)
     history, reply = t[:idx], t[idx + len(marker):].strip()
-    turns: list[tuple[str, str]] = []
+    turns: list[dict] = []
     for chunk in history.split("\n\n"):
         if chunk.startswith("Human:"):
-            turns.append(("user", chunk[len("Human:"):].strip()))
+            turns.append({"role": "user", "content": chunk[len("Human:"):].strip()})
         elif chunk.startswith("Assistant:"):
-            turns.append(("assistant", chunk[len("Assistant:"):].strip()))
+            turns.append({"role": "assistant", "content": chunk[len("Assistant:"):].strip()})
         elif turns:  # a paragraph break inside a turn
-            r, c = turns[-1]
-            turns[-1] = (r, c + "\n\n" + chunk)
-    return _render_history(turns), reply
+            turns[-1]["content"] += "\n\n" + chunk
+    return turns, reply
+
+
+def _prompt(rec: dict, where: str) -> str | list[dict]:
+    """Our formats' ``prompt``: a text (one user turn) or a list of messages ending with a user turn."""
+    if _is_messages(rec.get("prompt")):
+        return _messages(rec["prompt"], where, "prompt")
+    return _text(rec, "prompt", where)
 
 
 def parse_record(rec: Any, where: str) -> Record:
-    """One raw record -> a normalised :class:`Record` of kind sft / preferences / prompts."""
+    """One raw record -> a normalised :class:`Record` of kind sft / preferences / prompts.
+
+    Its ``prompt`` is a text or (from chat messages, HH-RLHF transcripts, or a message-list
+    ``prompt``) the list of turns before the reply; :func:`read_file` turns it into the
+    ``prompt_messages`` + ``prompt`` columns.
+    """
     if _is_messages(rec):
         rec = {"messages": rec}
     if not isinstance(rec, dict):
@@ -273,7 +296,7 @@ def parse_record(rec: Any, where: str) -> Record:
         meta = {"annotator": _text(rec, "annotator", where, required=False),
                 "time": _text(rec, "time", where, required=False)}
         if "prompt" in rec:
-            return Record("preferences", {"prompt": _text(rec, "prompt", where),
+            return Record("preferences", {"prompt": _prompt(rec, where),
                                           "chosen": _text(rec, "chosen", where),
                                           "rejected": _text(rec, "rejected", where), **meta}, where)
         c, r = rec["chosen"], rec["rejected"]
@@ -288,10 +311,10 @@ def parse_record(rec: Any, where: str) -> Record:
                             where=where)
         return Record("preferences", {"prompt": pc, "chosen": cc, "rejected": rr, **meta}, where)
     if "prompt" in rec and "response" in rec:
-        return Record("sft", {"prompt": _text(rec, "prompt", where),
+        return Record("sft", {"prompt": _prompt(rec, where),
                               "response": _text(rec, "response", where)}, where)
     if "prompt" in rec:
-        return Record("prompts", {"prompt": _text(rec, "prompt", where)}, where)
+        return Record("prompts", {"prompt": _prompt(rec, where)}, where)
     raise DataError(
         f"unknown record format with fields {sorted(rec)}", where=where,
         hint="expected prompt/response, prompt/chosen/rejected, prompt, messages, or HH-RLHF chosen/rejected",
@@ -301,11 +324,13 @@ def parse_record(rec: Any, where: str) -> Record:
 def labelstudio_records(task: dict, where: str) -> list[Record]:
     """A Label Studio export task -> one preference record per a/b annotation (others give none)."""
     texts = labelstudio.task_texts(task, where)
+    turns = task["data"].get("prompt_messages")  # a conversation pushed by `rlhf feedback push`
+    prompt = _messages(turns, where, "data.prompt_messages") if turns is not None else texts["prompt"]
     out = []
     for j in labelstudio.task_judgements(task, where):
         pair = labelstudio.preference(texts, j.choice)
         if pair is not None:
-            out.append(Record("preferences", {"prompt": texts["prompt"], "chosen": pair[0], "rejected": pair[1],
+            out.append(Record("preferences", {"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
                                               "annotator": j.annotator, "time": j.time}, where))
     return out
 
@@ -341,17 +366,13 @@ def read_file(path: Path, max_line_bytes: int, invalid: list[str] | None = None)
             records = labelstudio_records(rec, where) if labelstudio.is_task(rec) else [parse_record(rec, where)]
             for r in records:
                 _check_text(r, where)
+                _finish(r, where)
         except DataError as e:
             if invalid is None:
                 raise
             invalid.append(e.one_line())
             continue
-        for r in records:
-            for k in ("prompt", "response", "chosen", "rejected"):
-                v = r.values.get(k)
-                if v is not None:
-                    r.values[k] = v.replace("\r\n", "\n").strip()
-            out.append(r)
+        out.extend(records)
     if not n_read and not invalid:
         raise DataError("file has no records (only blank lines)", where=str(path))
     return out
@@ -360,12 +381,34 @@ def read_file(path: Path, max_line_bytes: int, invalid: list[str] | None = None)
 def _check_text(r: Record, where: str) -> None:
     """Text fields must be encodable (a lone surrogate from a broken \\ud800 escape is not)."""
     for k, v in r.values.items():
-        if isinstance(v, str):
+        texts = [(k, v)] if isinstance(v, str) else \
+            [(f"{k}[{i}].content", m["content"]) for i, m in enumerate(v)] if isinstance(v, list) else []
+        for name, t in texts:
             try:
-                v.encode("utf-8")
+                t.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise DataError(f"field '{k}' holds an invalid character (U+{ord(v[e.start]):04X}, a lone "
+                raise DataError(f"field '{name}' holds an invalid character (U+{ord(t[e.start]):04X}, a lone "
                                 "surrogate)", where=where, hint="fix the record's escapes") from None
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n").strip()
+
+
+def _finish(r: Record, where: str) -> None:
+    """Texts normalised (LF, stripped); the prompt (text or turns) -> ``prompt_messages`` + its rendering
+    ``prompt``; a conversation that breaks :func:`rlhf.data.conversation.history_problem` is refused."""
+    for k in ("response", "chosen", "rejected"):
+        v = r.values.get(k)
+        if v is not None:
+            r.values[k] = _clean(v)
+    msgs = [{"role": m["role"], "content": _clean(m["content"])} for m in conversation.as_messages(r.values["prompt"])]
+    problem = conversation.history_problem(msgs)
+    if problem:
+        raise DataError(f"the conversation before the reply is not usable: {problem}", where=where,
+                        hint="system turns first, then user/assistant turns alternating, the last one a user turn")
+    r.values["prompt_messages"] = msgs
+    r.values["prompt"] = conversation.render(msgs)
 
 
 # ---------------------------------------------------------------- splitting
@@ -410,25 +453,30 @@ def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) 
         rows[r.kind].append({**r.values, "source": r.source})
     sft_source = "demonstrations"
     if not rows["sft"] and rows["preferences"]:  # preference data only: SFT learns the chosen replies
-        rows["sft"] = [{"prompt": r["prompt"], "response": r["chosen"], "source": f"chosen:{r['source']}"}
-                       for r in rows["preferences"]]
+        rows["sft"] = [{"prompt": r["prompt"], "prompt_messages": r["prompt_messages"], "response": r["chosen"],
+                        "source": f"chosen:{r['source']}"} for r in rows["preferences"]]
         sft_source = "the chosen replies of the preference pairs (no demonstrations in the input)"
     if not rows["prompts"]:  # no explicit prompt file: PPO/eval prompts come from the other kinds
-        ps = dict.fromkeys(r["prompt"] for k in ("preferences", "sft") for r in rows[k])
-        rows["prompts"] = [{"prompt": p, "source": "derived"} for p in ps]
+        ps: dict[str, dict] = {}
+        for r in (r for k in ("preferences", "sft") for r in rows[k]):
+            ps.setdefault(json.dumps(r["prompt_messages"]), r)
+        rows["prompts"] = [{"prompt": r["prompt"], "prompt_messages": r["prompt_messages"], "source": "derived"}
+                           for r in ps.values()]
 
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(out) as tmp:
         for kind in KINDS:
             df = pd.DataFrame(rows[kind], columns=COLUMNS[kind])
             for c in COLUMNS[kind]:
-                df[c] = df[c].astype("string")
+                if c != "prompt_messages":
+                    df[c] = df[c].astype("string")
+            schema = pa.schema([(c, MESSAGES_TYPE if c == "prompt_messages" else pa.string()) for c in COLUMNS[kind]])
             mask = df["prompt"].map(lambda p: is_eval(p, cfg.eval_fraction, cfg.split_salt)).astype(bool) \
                 if len(df) else pd.Series([], dtype=bool)
             (tmp / kind).mkdir()
             counts[kind] = {}
             for split, part in (("train", df[~mask]), ("eval", df[mask])):
-                part.reset_index(drop=True).to_parquet(tmp / kind / f"{split}.parquet", index=False)
+                part.reset_index(drop=True).to_parquet(tmp / kind / f"{split}.parquet", index=False, schema=schema)
                 counts[kind][split] = len(part)
         metrics = {
             **{f"{k}_{s}_rows": n for k, d in counts.items() for s, n in d.items()},
@@ -449,12 +497,23 @@ def load_split(dataset: str | Path, kind: str, split: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def prompt_conversations(df: pd.DataFrame) -> list[conversation.Messages]:
+    """The prompts of a prepared split as message lists (``prompt_messages``; a dataset prepared before
+    that column existed: each ``prompt`` as one user turn)."""
+    if "prompt_messages" not in df:
+        return [conversation.as_messages(p) for p in df["prompt"]]
+    return [conversation.as_messages(m) for m in df["prompt_messages"]]
+
+
 def dataset_texts(dataset: str | Path) -> list[str]:
-    """Every text of the train splits (prompts and replies): the corpus the tiny tokenizer is trained on."""
+    """Every text of the train splits (the turns of the prompts, and the replies): the corpus the tiny
+    tokenizer is trained on."""
     texts: list[str] = []
     for kind in KINDS:
         df = load_split(dataset, kind, "train")
         for col in COLUMNS[kind]:
-            if col in ("prompt", "response", "chosen", "rejected"):
+            if col == "prompt":
+                texts.extend(m["content"] for msgs in prompt_conversations(df) for m in msgs if m["content"])
+            elif col in ("response", "chosen", "rejected"):
                 texts.extend(df[col].dropna().tolist())
     return texts

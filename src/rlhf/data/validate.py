@@ -2,7 +2,8 @@
 
 One suite per dataset kind (sft, preferences, prompts), run on each split with
 an ephemeral GX context (no GX project folder). A few checks that GX cannot
-express on a single column (chosen != rejected, no prompt in both splits) are
+express on a single column (chosen != rejected, no prompt in both splits, the
+conversation before the reply well-formed, every turn free of control strings) are
 computed as helper columns that the expectations then check, so every rule is
 an expectation and shows up in GX's results.
 
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf.config import ValidateConfig
+from rlhf.data import conversation
 from rlhf.data.prepare import COLUMNS, KINDS, load_split
 from rlhf.errors import ValidationFailed
 from rlhf.io import atomic_dir, write_json, write_manifest
@@ -61,6 +63,12 @@ def _suite(gx, gxe, kind: str, split: str, cfg: ValidateConfig):
         if cfg.reject_control_strings:
             add(gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL_REGEX),
                 f"'{col}' holds no chat-template control string (<|im_end|>, [INST], ...)")
+    add(gxe.ExpectColumnValuesToBeInSet(column="_conversation_ok", value_set=[True]),
+        "the conversation before the reply is well-formed (system turns first, then user/assistant "
+        "alternating, the last a user turn; no blank turn)")
+    if cfg.reject_control_strings:
+        add(gxe.ExpectColumnValuesToNotMatchRegex(column="_turns", regex=CONTROL_REGEX),
+            "no turn of the conversation holds a chat-template control string (<|im_end|>, [INST], ...)")
     minimum = cfg.min_rows.get(kind, 1) if split == "train" else cfg.min_eval_rows
     add(gxe.ExpectTableRowCountToBeBetween(min_value=minimum), f"at least {minimum} {split} rows")
     add(gxe.ExpectColumnValuesToBeInSet(column="_prompt_in_other_split", value_set=[False]),
@@ -88,6 +96,9 @@ def _with_helpers(kind: str, df: pd.DataFrame, other: pd.DataFrame) -> pd.DataFr
     df = df.reset_index(drop=True)
     other_prompts = set(other["prompt"].dropna()) if "prompt" in other else set()
     df["_prompt_in_other_split"] = df["prompt"].isin(other_prompts).astype(bool) if "prompt" in df else False
+    turns = _conversations(df)  # the conversation before the reply: every turn checked, as a whole and as text
+    df["_conversation_ok"] = [conversation.history_problem(m, blank_turns=False) is None for m in turns]
+    df["_turns"] = ["\n".join(str(t["content"]) for t in m) for m in turns]
     if kind == "preferences" and {"chosen", "rejected"} <= set(df.columns):
         df["_chosen_differs"] = (df["chosen"].fillna("") != df["rejected"].fillna("")).astype(bool)
         # the same pair labelled both ways (A > B and B > A for one prompt): contradictory labels
@@ -96,6 +107,15 @@ def _with_helpers(kind: str, df: pd.DataFrame, other: pd.DataFrame) -> pd.DataFr
                                    zip(df["prompt"].fillna(""), df["chosen"].fillna(""), df["rejected"].fillna(""),
                                        strict=True)]
     return df
+
+
+def _conversations(df: pd.DataFrame) -> list[list[dict]]:
+    """Each row's turns (``prompt_messages``, else ``prompt`` as one user turn); a missing one is no turns."""
+    if "prompt_messages" in df:
+        return [conversation.as_messages(m) if m is not None else [] for m in df["prompt_messages"]]
+    if "prompt" in df:
+        return [conversation.as_messages(p) if isinstance(p, str) else [] for p in df["prompt"]]
+    return [[] for _ in range(len(df))]
 
 
 def _short(v: Any, n: int = 120) -> Any:
@@ -115,7 +135,7 @@ def _examples(df: pd.DataFrame, result: dict, cfg: ValidateConfig) -> list[dict]
         except (KeyError, TypeError):
             continue
         rows.append({"row": int(i), **{c: _short(row[c]) for c in df.columns if not c.startswith("_")
-                                      and pd.notna(row[c])}})
+                                      and c != "prompt_messages" and pd.notna(row[c])}})
     if not rows and result.get("partial_unexpected_list"):
         rows = [{"value": _short(v)} for v in result["partial_unexpected_list"][: cfg.examples_per_failure]]
     return rows

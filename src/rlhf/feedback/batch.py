@@ -3,7 +3,9 @@
 A batch is a directory ``<batches_dir>/<batch_id>/`` with
 
 * ``items.jsonl``: one row per item ``{"item_id", "prompt", "response_a", "response_b", "source_a",
-  "source_b"}``; ``source_*`` say which model version, seed and settings produced the response;
+  "source_b"}``; ``source_*`` say which model version, seed and settings produced the response; a
+  prompt that is a conversation (several turns) has them in ``prompt_messages`` too, ``prompt``
+  being its readable text (:func:`rlhf.data.conversation.render`);
 * ``manifest.json``: ``{"kind": "feedback-batch", "batch_id", "created", "model_name", "versions",
   "generation", "n_items", "items_sha256", "prompts_from"}``.
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.data import conversation
 from rlhf.errors import DataError, UserError
 from rlhf.io import atomic_dir, write_json
 
@@ -33,6 +36,7 @@ ITEMS = "items.jsonl"
 MANIFEST = "manifest.json"
 KIND = "feedback-batch"
 ITEM_FIELDS = ("item_id", "prompt", "response_a", "response_b", "source_a", "source_b")
+OPTIONAL_FIELDS = ("prompt_messages",)
 
 
 @dataclass
@@ -49,8 +53,8 @@ class Batch:
 def items_bytes(items: list[dict[str, Any]]) -> bytes:
     """One ASCII JSON object per line: model text may hold U+2028, U+0085 and the like, which some
     readers (``str.splitlines``) take for line breaks; escaped, every reader sees one row per line."""
-    return "".join(json.dumps({k: it[k] for k in ITEM_FIELDS}, ensure_ascii=True, sort_keys=True) + "\n"
-                   for it in items).encode("ascii")
+    return "".join(json.dumps({k: it[k] for k in (*ITEM_FIELDS, *OPTIONAL_FIELDS) if k in it}, ensure_ascii=True,
+                              sort_keys=True) + "\n" for it in items).encode("ascii")
 
 
 def batch_id_of(data: bytes) -> str:
@@ -114,8 +118,9 @@ def load_batch(path: str | Path) -> Batch:
     return Batch(p, manifest, items)
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: JSONL rows with a ``prompt`` field, or plain text (one prompt per line)."""
+def read_prompts(path: str | Path) -> list[conversation.Messages]:
+    """Prompts from a file: JSONL rows with a ``prompt`` field (a text, or a list of ``{"role", "content"}``
+    turns ending with a user turn), or plain text (one prompt per line)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompts file not found: {p}")
@@ -128,23 +133,34 @@ def read_prompts(path: str | Path) -> list[str]:
                 row = json.loads(line)
             except ValueError as e:
                 raise DataError(f"line {n}: not JSON ({e})", where=str(p)) from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise DataError(f"line {n}: no string field 'prompt'", where=str(p))
-            out.append(row["prompt"])
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if isinstance(prompt, list):
+                problem = "turns must be {role, content} objects" if not all(
+                    isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt) else \
+                    conversation.history_problem(prompt, blank_turns=False)
+                if problem:
+                    raise DataError(f"line {n}: field 'prompt': {problem}", where=str(p))
+            elif not isinstance(prompt, str):
+                raise DataError(f"line {n}: no field 'prompt' (a text or a list of messages)", where=str(p))
+            out.append(conversation.as_messages(prompt))
         else:
-            out.append(line.strip())
+            out.append(conversation.as_messages(line.strip()))
     if not out:
         raise UserError(f"no prompts in {p}")
     return out
 
 
-def draw_prompts(*, dataset: str | Path | None, prompts_file: str | Path | None, n: int, seed: int) -> list[str]:
+def draw_prompts(*, dataset: str | Path | None, prompts_file: str | Path | None, n: int,
+                 seed: int) -> list[conversation.Messages]:
     if prompts_file is not None:
         prompts = read_prompts(prompts_file)
     elif dataset is not None:
-        from rlhf.data.prepare import load_split
+        from rlhf.data.prepare import load_split, prompt_conversations
 
-        prompts = list(dict.fromkeys(load_split(dataset, "prompts", "eval")["prompt"]))
+        unique: dict[str, conversation.Messages] = {}
+        for m in prompt_conversations(load_split(dataset, "prompts", "eval")):
+            unique.setdefault(conversation.render(m), m)
+        prompts = list(unique.values())
     else:
         raise UserError("give --dataset DIR (its held-out prompts) or --prompts FILE")
     rng = random.Random(seed)
@@ -184,9 +200,10 @@ def sample_batch(*, reg_cfg, fb_cfg, model_cfg, batches_dir: str | Path, dataset
     out_a = generation.sample(model_a, tok_a, prompts, generator_seed=seed, **gen).texts
     out_b = generation.sample(model_b, tok_b, prompts, generator_seed=seed + 1, **gen).texts
     src = {"model_name": reg_cfg.model_name, **gen}
-    items = [{"item_id": f"{i:04d}", "prompt": p, "response_a": a, "response_b": b,
+    items = [{"item_id": f"{i:04d}", "prompt": conversation.render(p), "response_a": a, "response_b": b,
               "source_a": {**src, "alias": "champion", "version": ver_a, "seed": seed},
-              "source_b": {**src, "alias": vs or "champion", "version": ver_b, "seed": seed + 1}}
+              "source_b": {**src, "alias": vs or "champion", "version": ver_b, "seed": seed + 1},
+              **({"prompt_messages": p} if len(p) > 1 else {})}
              for i, (p, a, b) in enumerate(zip(prompts, out_a, out_b))]
     meta = {"model_name": reg_cfg.model_name, "versions": {"a": ver_a, "b": ver_b},
             "mode": f"champion-vs-{vs}" if vs else "champion-two-samples", "generation": {**gen, "seed": seed},

@@ -4,7 +4,8 @@ Per batch, in ``feedback.export_dir`` (``data/raw/feedback``):
 
 * ``<batch_id>.jsonl``: one preference row per label with a winner: ``{"prompt", "chosen", "rejected",
   "annotator", "time", "batch_id", "item_id", "shown_left"}`` (``shown_left``: which batch response,
-  ``a`` or ``b``, the annotator saw on the left);
+  ``a`` or ``b``, the annotator saw on the left; ``prompt``: the item's ``prompt_messages`` when it has
+  them, else its text);
 * ``<batch_id>.unpaired.ndjson``: ties, both-bad and skips (not pairs; prepare does not read it);
 * ``<batch_id>.report.md`` / ``.report.html``: labels per annotator, agreement, time per label and,
   for a champion-vs-challenger batch, the head-to-head result with a 95% Wilson interval.
@@ -41,7 +42,9 @@ def rows_for(batch: Batch, labels: list[dict[str, Any]]) -> tuple[list[dict], li
                 "shown_left": "b" if r["flipped"] else "a"}
         if r["winner"] in ("a", "b"):
             win, lose = ("response_a", "response_b") if r["winner"] == "a" else ("response_b", "response_a")
-            pairs.append({"prompt": it["prompt"], "chosen": it[win], "rejected": it[lose], **base})
+            # a conversation goes back as its turns, which prepare reads as a message-list prompt
+            pairs.append({"prompt": it.get("prompt_messages") or it["prompt"], "chosen": it[win], "rejected": it[lose],
+                          **base})
         else:
             other.append({"prompt": it["prompt"], "choice": r["choice"], "reason": r["reason"], **base})
     return pairs, other

@@ -108,9 +108,11 @@ def read_batch(batch_dir: str | Path) -> Batch:
 
 
 def task_of(item: dict[str, Any], batch_id: str) -> dict[str, Any]:
-    """The Label Studio task for one item: texts and ids only (model identity stays hidden)."""
+    """The Label Studio task for one item: texts and ids only (model identity stays hidden). A conversation's
+    turns ride along in ``prompt_messages`` (shown as the ``prompt`` text), so its labels keep them."""
     return {"data": {"prompt": item["prompt"], "answer1": item["response_a"], "answer2": item["response_b"],
-                     "item_id": item["item_id"], "batch_id": batch_id}}
+                     "item_id": item["item_id"], "batch_id": batch_id,
+                     **({"prompt_messages": item["prompt_messages"]} if item.get("prompt_messages") else {})}}
 
 
 # ---------------------------------------------------------------- HTTP
@@ -277,7 +279,7 @@ def rows_from_tasks(tasks: list[dict[str, Any]], users: dict[int, str] | None = 
             pair = fmt.preference(texts, j.choice)
             if pair is None:
                 continue
-            rows.append({"prompt": texts["prompt"], "chosen": pair[0], "rejected": pair[1],
+            rows.append({"prompt": data.get("prompt_messages") or texts["prompt"], "chosen": pair[0], "rejected": pair[1],
                          "annotator": j.annotator, "time": j.time, "batch_id": data.get("batch_id"),
                          "item_id": data.get("item_id")})
     summary = {"tasks": len(tasks), "labels": sum(counts.values()), "pairs": len(rows),

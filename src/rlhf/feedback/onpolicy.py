@@ -43,11 +43,11 @@ def rm_gold_agreement(model, tokenizer, items: list[dict[str, Any]], max_len: in
              demo.gold_score(it["prompt"], it["response_a"]) != demo.gold_score(it["prompt"], it["response_b"])]
     if not pairs:
         return {"agreement": None, "n_pairs": 0}
-    prompts = [it["prompt"] for it in pairs]
+    prompts = [it.get("prompt_messages") or it["prompt"] for it in pairs]  # the turns, where the item has them
     sa = score_texts(model, tokenizer, prompts, [it["response_a"] for it in pairs], max_len)
     sb = score_texts(model, tokenizer, prompts, [it["response_b"] for it in pairs], max_len)
-    gold = torch.tensor([demo.gold_score(p, it["response_a"]) - demo.gold_score(p, it["response_b"])
-                         for p, it in zip(prompts, pairs)])
+    gold = torch.tensor([demo.gold_score(it["prompt"], it["response_a"]) - demo.gold_score(it["prompt"], it["response_b"])
+                         for it in pairs])
     diff = sa - sb
     agree = ((torch.sign(diff) == torch.sign(gold)).float() + 0.5 * (diff == 0).float()).mean().item()
     return {"agreement": agree, "n_pairs": len(pairs)}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf.data import demo
+from rlhf.data import conversation, demo
 from rlhf.errors import UserError
 from rlhf.ppo import advantages as A
 from rlhf.ppo import loss as L
@@ -83,7 +83,7 @@ class Experience:
     raw_scores: torch.Tensor       # (B,) reward-model score as the model outputs it
     has_eos: torch.Tensor          # (B,) bool
     texts: list[str]
-    prompts: list[str]
+    prompts: list[conversation.Messages]
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -220,9 +220,10 @@ def forward_values(critic: nn.Module, query_ids, query_mask, response_ids, respo
     return values
 
 
-def gold_scores(prompts: list[str], texts: list[str]) -> list[float]:
-    """The demo task's gold score per response (NaN for prompts that are not demo topics)."""
-    return [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(prompts, texts)]
+def gold_scores(prompts: list[str | conversation.Messages], texts: list[str]) -> list[float]:
+    """The demo task's gold score per response (NaN for prompts that are not demo topics), on the prompt's text."""
+    texts_of = [conversation.render(p) for p in prompts]
+    return [demo.gold_score(p, t) if demo.topic_of(p) else float("nan") for p, t in zip(texts_of, texts)]
 
 
 # ----------------------------------------------------------------------------- experience
@@ -250,7 +251,7 @@ class Samples:
     """Sampled responses and the no-grad forward passes over them (per-token: (B, R), 0 on padding)."""
 
     rollout: generation.Rollout
-    prompts: list[str]
+    prompts: list[conversation.Messages]
     logprobs: torch.Tensor       # the policy's, at sampling time: the "old" log-probs of the update
     entropy: torch.Tensor
     ref_logprobs: torch.Tensor
@@ -260,9 +261,9 @@ class Samples:
 
 @torch.no_grad()
 def sample_responses(policy: nn.Module, ref: nn.Module | None, critic: nn.Module | None, tokenizer,
-                     prompts: list[str], s: RolloutSettings) -> Samples:
-    """One response per prompt, with the policy's and the reference's log-probs and the critic's values
-    (zeros without a critic)."""
+                     prompts: list[conversation.Messages], s: RolloutSettings) -> Samples:
+    """One response per prompt (a conversation), with the policy's and the reference's log-probs and the
+    critic's values (zeros without a critic)."""
     import time
 
     gen_model = unwrap(policy)

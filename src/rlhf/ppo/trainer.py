@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from rlhf.config import ModelConfig, PPOConfig
+from rlhf.data import conversation
 from rlhf.errors import ConfigError, UserError
 from rlhf.io import atomic_dir, read_manifest, write_manifest
 from rlhf.mlops import tracking
@@ -115,7 +116,7 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController:
 class PromptStream:
     """An endless stream of prompts: a seeded shuffle per pass; position ``p`` is always the same prompt."""
 
-    def __init__(self, prompts: list[str], seed: int):
+    def __init__(self, prompts: list[conversation.Messages], seed: int):
         if not prompts:
             raise UserError("the dataset has no training prompts", where="prompts/train.parquet")
         self.prompts, self.seed = prompts, seed
@@ -128,7 +129,7 @@ class PromptStream:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def take(self, start: int, n: int) -> list[str]:
+    def take(self, start: int, n: int) -> list[conversation.Messages]:
         out = []
         for pos in range(start, start + n):
             epoch, i = divmod(pos, len(self.prompts))
@@ -139,17 +140,23 @@ class PromptStream:
 # ----------------------------------------------------------------------------- models
 
 
-def train_prompts(dataset: str | Path) -> list[str]:
-    """The training prompts. Read with pyarrow alone when possible: pandas costs ~80 MB of RSS per rank."""
+def train_prompts(dataset: str | Path) -> list[conversation.Messages]:
+    """The training prompts, each the conversation before the reply (``prompt_messages``; a dataset prepared
+    without that column: ``prompt`` as one user turn). Read with pyarrow alone when possible: pandas costs
+    ~80 MB of RSS per rank."""
     path = Path(dataset) / "prompts" / "train.parquet"
     if path.is_file():
         import pyarrow.parquet as pq
 
         # ParquetFile.read, not read_table: the latter imports pandas to parse the file's pandas metadata
-        return pq.ParquetFile(path).read(columns=["prompt"]).column("prompt").to_pylist()
-    from rlhf.data.prepare import load_split  # raises the usual "run the prepare stage first" error
+        f = pq.ParquetFile(path)
+        if "prompt_messages" in f.schema_arrow.names:
+            return [conversation.as_messages(m) for m in f.read(columns=["prompt_messages"])
+                    .column("prompt_messages").to_pylist()]
+        return [conversation.as_messages(p) for p in f.read(columns=["prompt"]).column("prompt").to_pylist()]
+    from rlhf.data.prepare import load_split, prompt_conversations  # the usual "run the prepare stage first"
 
-    return load_split(dataset, "prompts", "train")["prompt"].tolist()
+    return prompt_conversations(load_split(dataset, "prompts", "train"))
 
 
 def load_models(sft_model: str | Path, reward_model: str | Path, cfg: PPOConfig, model_cfg: ModelConfig,
@@ -339,7 +346,7 @@ class PPORun:
     history: list[dict[str, float]]
     precision: Precision = field(default_factory=Precision.off)  # autocast dtype, fp16 grad scaler
 
-    def texts_scorer(self, prompts: list[str]):
+    def texts_scorer(self, prompts: list[conversation.Messages]):
         """For a reward model with another tokenizer: score decoded responses (decode, re-encode, score)."""
         if self.rm_tokenizer is None:
             return None
@@ -477,7 +484,7 @@ def _setup(dataset, sft_model, reward_model, out, cfg: PPOConfig, model_cfg: Mod
     opt = make_optimizer(policy, critic, cfg)
     sched = make_lr_schedule(opt, cfg)
     kl_ctl = kl_controller(cfg)
-    inputs = {"dataset": hashlib.sha256("\n".join(stream.prompts).encode()).hexdigest()[:16],
+    inputs = {"dataset": hashlib.sha256("\n".join(map(conversation.render, stream.prompts)).encode()).hexdigest()[:16],
               "sft": ckpt.artifact_id(sft_model), "reward": ckpt.artifact_id(reward_model)}
     fp = ckpt.fingerprint(cfg, model_cfg, inputs, info.world_size)
     checkpoints = ckpt.RunCheckpoints(ckpt.checkpoint_root(out, cfg), fp, cfg, info)

@@ -48,8 +48,10 @@ class Rollout:
         return self.response_mask.sum(1)
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-rendered prompts, truncated from the left to ``max_prompt_len`` tokens, left-padded."""
+def encode_prompts(tokenizer, prompts: list[str | list], max_prompt_len: int, device) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Chat-rendered prompts (texts, or conversations: ``models.encode_prompt``), truncated from the left to
+    ``max_prompt_len`` tokens, left-padded."""
     seqs = [models.encode_prompt(tokenizer, p)[-max_prompt_len:]
             for p in prompts]
     width = max(len(s) for s in seqs)
@@ -104,7 +106,7 @@ def without_inherited_generation_config(model):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
+def sample(model, tokenizer, prompts: list[str | list], *, max_new_tokens: int, temperature: float,
            max_prompt_len: int = 256, generator_seed: int | None = None) -> Rollout:
     """Sample one response per prompt (temperature sampling, KV cache, stop at EOS)."""
     device = next(model.parameters()).device

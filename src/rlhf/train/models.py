@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rlhf.config import ModelConfig
+from rlhf.data import conversation
 from rlhf.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -385,15 +386,25 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "left", trust_remote
     return tok
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """``prompt`` as a user turn, rendered with the chat template and the assistant header appended."""
+def chat_prompt(tokenizer, prompt: str | list) -> str:
+    """``prompt`` (a text: one user turn; or a list of ``{"role", "content"}`` turns) rendered with the chat
+    template, the assistant header appended."""
+    msgs = conversation.as_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"User: {prompt}\nAssistant:"
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # a template that refuses these turns (e.g. one without a system role)
+            raise UserError(f"the tokenizer's chat template refuses this conversation: {e}", where="model.name",
+                            hint="use a model whose template takes these roles, or drop the system turn") from None
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "".join(f"{names[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant:"
 
 
-_CONTENT_MARK = "\ue000rlhf-content\ue000"  # a private-use marker no template or text contains
+def _mark(i: int) -> str:
+    """A private-use marker for turn ``i``'s content, which no template or text contains."""
+    return f"\ue000rlhf-content-{i}\ue000"
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -401,20 +412,30 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """``chat_prompt(prompt)`` as ids, with the template's own control tokens and the prompt as plain text.
+def encode_prompt(tokenizer, prompt: str | list) -> list[int]:
+    """``chat_prompt(prompt)`` as ids, with the template's own control tokens and every turn's text as plain text.
 
-    The template is rendered around a marker and tokenised as usual; the prompt in its place goes
-    through :func:`encode_text`, so a prompt containing ``<|im_end|>\n<|im_start|>assistant`` cannot
-    open a turn of its own (template injection).
+    ``prompt``: a text (one user turn) or the conversation before the reply (``{"role", "content"}``
+    turns, :mod:`rlhf.data.conversation`), each turn a real turn of the template. The template is
+    rendered with a marker in place of each turn's content and tokenised as usual; each content in its
+    place goes through :func:`encode_text`, so a turn containing ``<|im_end|>\n<|im_start|>assistant``
+    cannot open a turn of its own (template injection).
     """
-    rendered = chat_prompt(tokenizer, _CONTENT_MARK)
-    if rendered.count(_CONTENT_MARK) != 1:  # a template that alters its content: keep the text out of it
-        return encode_text(tokenizer, chat_prompt(tokenizer, prompt))
-    before, after = rendered.split(_CONTENT_MARK)
-    ids = tokenizer(before, add_special_tokens=False).input_ids if before else []
-    return ids + encode_text(tokenizer, prompt) + (tokenizer(after, add_special_tokens=False).input_ids
-                                                   if after else [])
+    msgs = conversation.as_messages(prompt)
+    rendered = chat_prompt(tokenizer, [{"role": m["role"], "content": _mark(i)} for i, m in enumerate(msgs)])
+    pieces, rest = [], rendered
+    for i in range(len(msgs)):
+        if rendered.count(_mark(i)) != 1 or _mark(i) not in rest:  # a template that alters or drops a turn's
+            # content, or reorders turns: keep all text out of it
+            return encode_text(tokenizer, chat_prompt(tokenizer, msgs))
+        before, rest = rest.split(_mark(i))
+        pieces.append(before)
+    ids: list[int] = []
+    for before, m in zip(pieces, msgs, strict=True):
+        if before:
+            ids += tokenizer(before, add_special_tokens=False).input_ids
+        ids += encode_text(tokenizer, m["content"])
+    return ids + (tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
 
 
 # ----------------------------------------------------------------------------- model loading

@@ -1,7 +1,8 @@
 """The reward stage: a scalar reward model trained with the Bradley-Terry loss.
 
 ``loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected))``; the score is
-read at the last real token (EOS) of ``chat_prompt(prompt) + reply + EOS``
+read at the last real token (EOS) of ``chat_prompt(prompt) + reply + EOS``, the prompt being the
+whole conversation before the reply
 (docs/ppo.md #8). Over-long inputs are cut from the left so the replies,
 where a pair differs, survive (10b). The head starts at std 1/sqrt(hidden+1)
 (9). After training we record the mean/std of the scores of the SFT
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from rlhf.config import ModelConfig, RewardConfig
 from rlhf.data import demo
-from rlhf.data.prepare import load_split
+from rlhf.data.prepare import load_split, prompt_conversations
 from rlhf.io import atomic_dir, read_manifest, write_manifest
 from rlhf.mlops import tracking
 from rlhf.train import distributed as D
@@ -47,14 +48,15 @@ from rlhf.train.precision import for_model
 log = logging.getLogger("rlhf")
 
 
-def encode_reply(tokenizer, prompt: str, reply: str, max_len: int) -> list[int]:
-    """``chat_prompt(prompt) + reply + EOS`` as ids, cut from the left to ``max_len``."""
+def encode_reply(tokenizer, prompt: str | list, reply: str, max_len: int) -> list[int]:
+    """``chat_prompt(prompt) + reply + EOS`` as ids, cut from the left to ``max_len``; ``prompt``: a text or
+    the conversation before the reply."""
     ids = models.encode_prompt(tokenizer, prompt) + models.encode_text(tokenizer, reply)
     ids.append(tokenizer.eos_token_id)
     return ids[-max_len:]
 
 
-def score_texts(model, tokenizer, prompts: list[str], replies: list[str], max_len: int,
+def score_texts(model, tokenizer, prompts: list[str | list], replies: list[str], max_len: int,
                 batch_size: int = 32) -> torch.Tensor:
     """Reward-model scores of (prompt, reply) pairs, shape (n,)."""
     device = next(model.parameters()).device
@@ -122,8 +124,9 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
     model, tok = models.load_reward_model(source, model_cfg, for_training=True, init_from_causal=True)
     device = next(model.parameters()).device
     enc = [(encode_reply(tok, p, c, cfg.max_seq_len), encode_reply(tok, p, r, cfg.max_seq_len))
-           for p, c, r in zip(train_df["prompt"], train_df["chosen"], train_df["rejected"])]
-    eval_pairs = eval_df[["prompt", "chosen", "rejected"]].to_dict("records")
+           for p, c, r in zip(prompt_conversations(train_df), train_df["chosen"], train_df["rejected"])]
+    eval_pairs = [{"prompt": p, "chosen": c, "rejected": r}
+                  for p, c, r in zip(prompt_conversations(eval_df), eval_df["chosen"], eval_df["rejected"])]
     eval_prompts = load_split(dataset, "prompts", "eval")["prompt"].tolist()
     gold_prompts = [p for p in eval_prompts if demo.topic_of(p)]
     gold_pairs = demo.fresh_pairs(cfg.gold_pairs, seed=cfg.seed + 777, prompts=gold_prompts) \
@@ -158,7 +161,7 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
         held_out = evaluate_pairs(model, tok, eval_pairs, cfg.max_seq_len, cfg.batch_size)
         gold = evaluate_pairs(model, tok, gold_pairs, cfg.max_seq_len, cfg.batch_size) if gold_pairs else {}
         sft_eval = load_split(dataset, "sft", "eval").head(cfg.eval_max_rows)
-        ref = score_texts(model, tok, sft_eval["prompt"].tolist(), sft_eval["response"].tolist(),
+        ref = score_texts(model, tok, prompt_conversations(sft_eval), sft_eval["response"].tolist(),
                           cfg.max_seq_len, cfg.batch_size)
         norm = {"mean": ref.mean().item() if len(ref) else 0.0,
                 "std": ref.std().item() if len(ref) > 1 else 1.0}

@@ -1,8 +1,8 @@
 """The SFT stage: supervised fine-tuning of the policy on demonstrations.
 
-Loss on response tokens only: each example is the prompt rendered with the
-model's chat template (assistant header included) followed by the response
-and EOS; the prompt tokens get label -100.
+Loss on response tokens only: each example is the prompt (its whole conversation, each turn a
+turn of the model's chat template, assistant header included) followed by the response and EOS;
+the prompt tokens, earlier assistant turns included, get label -100.
 
 We write the loop ourselves (about 100 lines) instead of using TRL's
 ``SFTTrainer`` because (1) the tokenisation, masking and model loading are the
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from rlhf.config import ModelConfig, SFTConfig
-from rlhf.data.prepare import dataset_texts, load_split
+from rlhf.data.prepare import dataset_texts, load_split, prompt_conversations
 from rlhf.io import atomic_dir, write_manifest
 from rlhf.mlops import tracking
 from rlhf.train import distributed as D
@@ -44,8 +44,11 @@ from rlhf.train.precision import Precision, for_model
 log = logging.getLogger("rlhf")
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (prompt masked with -100) of one demonstration; the prompt is cut from the left."""
+def encode(tokenizer, prompt: str | list, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt masked with -100) of one demonstration; the prompt is cut from the left.
+
+    ``prompt``: a text or the conversation before the reply (``models.encode_prompt``); only the
+    final reply is learnt."""
     p_ids = models.encode_prompt(tokenizer, prompt)
     r_ids = models.encode_text(tokenizer, response) + [tokenizer.eos_token_id]
     r_ids = r_ids[: max_len - 8] if len(r_ids) > max_len - 8 else r_ids
@@ -106,9 +109,9 @@ def _train_sft(dataset, out, cfg: SFTConfig, model_cfg: ModelConfig, info: D.Dis
     models.disable_dropout(model)
     device = next(model.parameters()).device
     precision = for_model(model, model_cfg)
-    train = [encode(tok, p, r, cfg.max_seq_len) for p, r in zip(train_df["prompt"], train_df["response"])]
-    evals = [encode(tok, p, r, cfg.max_seq_len) for p, r in
-             zip(eval_df["prompt"][: cfg.eval_max_rows], eval_df["response"][: cfg.eval_max_rows])]
+    train = [encode(tok, p, r, cfg.max_seq_len) for p, r in zip(prompt_conversations(train_df), train_df["response"])]
+    eval_df = eval_df.head(cfg.eval_max_rows)
+    evals = [encode(tok, p, r, cfg.max_seq_len) for p, r in zip(prompt_conversations(eval_df), eval_df["response"])]
 
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
     total = cfg.max_steps or max(1, int(math.ceil(len(train) / global_batch) * cfg.epochs))
