@@ -44,6 +44,10 @@ from rlhf.mlops import tracking
 
 log = logging.getLogger("rlhf")
 
+#: the Secret whose MLflow credentials every pipeline pod gets as environment (KFP steps, Trainer jobs), and its
+#: keys: the names the MLflow client reads
+PIPELINE_SECRET = "rlhf-mlflow-pipeline"
+CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 #: MLflow's basic-auth refuses shorter passwords
 MIN_PASSWORD = 12
 #: the permissions of each role: (on the experiments, on the registered models)
