@@ -117,8 +117,9 @@ def _ensure_user(auth, uri: str, username: str, password: str) -> str | None:
         return "created"
     done = []
     if not _signs_in(uri, username, password):
-        auth.update_user_password(username, password)
         done.append("new password")
+    # always: with auth_cache_ttl_seconds a worker may still vouch for a password that is no longer stored
+    auth.update_user_password(username, password)
     if user.is_admin:
         auth.update_user_admin(username, False)
         done.append("admin flag removed")
