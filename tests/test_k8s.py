@@ -315,7 +315,8 @@ def test_mlflow_server(builds):
     line = " ".join(args)
     assert args[:2] == ["mlflow", "server"]
     uri = args[args.index("--backend-store-uri") + 1]
-    assert uri.startswith("postgresql://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/")
+    # the driver by name: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, the image has psycopg2
+    assert uri.startswith("postgresql+psycopg2://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/")
     assert args[args.index("--artifacts-destination") + 1] == "s3://mlflow"
     assert "--serve-artifacts" in args and "--host 0.0.0.0" in line and "--port 5000" in line
     hosts = {h.strip() for h in args[args.index("--allowed-hosts") + 1].split(",")}
@@ -365,7 +366,7 @@ def test_mlflow_server_authenticates(builds):
     assert ini["default_permission"] == "NO_PERMISSIONS"
     assert ini["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
     # the auth store in PostgreSQL, the user and password from PGUSER/PGPASSWORD (the rlhf-postgres Secret)
-    assert re.fullmatch(r"postgresql://postgres\.rlhf\.svc\.cluster\.local:5432/\w+", ini["database_uri"])
+    assert re.fullmatch(r"postgresql\+psycopg2://postgres\.rlhf\.svc\.cluster\.local:5432/\w+", ini["database_uri"])
     assert "admin_password" not in ini
     for name, (secret, key) in {"PGUSER": ("rlhf-postgres", "POSTGRES_USER"),
                                 "PGPASSWORD": ("rlhf-postgres", "POSTGRES_PASSWORD"),

@@ -350,7 +350,7 @@ def test_postgres_migrations_then_authenticated_server(postgres, tmp_path):  # n
     pg = urllib.parse.urlparse(postgres)
     pg_env = {"PGUSER": pg.username, "PGPASSWORD": pg.password}
     env = {**os.environ, **pg_env}
-    backend = f"postgresql://{pg.username}@{pg.hostname}:{pg.port}{pg.path}"
+    backend = f"postgresql+psycopg2://{pg.username}@{pg.hostname}:{pg.port}{pg.path}"
     ini_uri = configparser.ConfigParser()
     ini_uri.read_string(k8s_config("mlflow-auth")["basic_auth.ini"])
     auth_uri = urllib.parse.urlparse(ini_uri["mlflow"]["database_uri"])._replace(

@@ -412,7 +412,7 @@ def _experiment(client, uri: str) -> str:
 #: MLflow's error codes for HTTP 401 and 403 (``mlflow.exceptions.get_error_code``). MLflow's HTTP retries
 #: cover only 408/429/5xx and refused connections, so a refusal comes back at once, never after retries.
 DENIED = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
-#: what the caller is doing (innermost :func:`refusals`), for the message of a refusal anywhere below it
+#: what the caller is doing (outermost :func:`refusals`), for the message of a refusal anywhere below it
 _ACTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_mlflow_action", default=None)
 
 
@@ -450,14 +450,14 @@ def access_denied(e: BaseException, action: str) -> AccessDenied:
 @contextlib.contextmanager
 def refusals(action: str) -> Iterator[None]:
     """Turn MLflow's 401/403 inside the block into :class:`rlhf.errors.AccessDenied` (one line, exit 4)."""
-    token = _ACTION.set(action)
+    token = _ACTION.set(_ACTION.get() or action)  # the outermost action: what the user asked for
     try:
         yield
     except AccessDenied:
         raise
     except Exception as e:
         if is_denied(e):
-            raise access_denied(e, action) from None
+            raise access_denied(e, _ACTION.get()) from None
         raise
     finally:
         _ACTION.reset(token)
