@@ -190,6 +190,27 @@ def test_no_credentials_no_access(server, env):
     assert requests_logged(server, '" 401 Unauthorized') == before + 3
 
 
+def test_refused_metrics_are_saved_at_once_not_resent(server, env, tmp_path):
+    """Metrics a run's credentials may not write (a rotated password, a read-only account) go to
+    mlflow-unsent/ in the first round, with no waiting for the outage retries."""
+    import json
+
+    import mlflow
+
+    env.setattr(tracking, "RETRY_SECONDS", 3600.0)  # an outage would keep them in memory for an hour
+    with signed_in(server.pipeline):
+        exp = mlflow.MlflowClient(server.url).get_experiment_by_name("rlhf")
+        run_id = mlflow.MlflowClient(server.url).create_run(exp.experiment_id).info.run_id
+    with signed_in(server.serving):
+        t = tracking.Tracker(run_id, mlflow.MlflowClient(server.url))
+        t.log_metrics({"loss": 0.5}, step=1)
+        assert t.flush() is None  # nothing left to save at the end: it was saved when refused
+    assert t.pending == 0
+    saved = tmp_path / "mlflow-unsent" / f"{run_id}.jsonl"
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [(r["key"], r["step"]) for r in rows] == [("loss", 1)]
+
+
 # ----------------------------------------------------------------------------- registry: promote, refuse, read
 
 
