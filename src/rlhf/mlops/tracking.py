@@ -28,6 +28,10 @@ MLflow unreachable: **fail fast at start-up**. :func:`stage_run` and
 database URI; 5 s timeout) before any work starts and stop with one line naming
 the URI and the fix.
 
+MLflow refusing the credentials (401 no or wrong credentials, 403 no permission; basic-auth on the
+cluster, :mod:`rlhf.mlops.access`): one line naming the action and the user
+(:class:`rlhf.errors.AccessDenied`, exit 4; :func:`refusals`). MLflow does not retry a 401/403.
+
 If the server goes away *after* the start, training neither dies nor waits:
 
 * Metrics and tags go through MLflow's asynchronous logging
