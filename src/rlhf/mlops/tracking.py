@@ -315,6 +315,8 @@ def store_errors(uri: str | None = None, hint: str | None = None) -> Iterator[No
                                  kept="the stage stopped before writing its output") from None
         if isinstance(e, UserError):
             raise
+        if is_denied(e):  # 401/403: the credentials, not the store
+            raise access_denied(e, _ACTION.get() or "use it") from None
         if isinstance(e, MlflowException) or type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3"):
             raise UserError(f"MLflow at {display_uri(uri)} failed: {_one_line(e)}",
                             hint=hint or "check MLFLOW_TRACKING_URI (a writable sqlite:/// file or a reachable "
