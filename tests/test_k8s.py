@@ -69,6 +69,7 @@ CONFIG_KEYS = {
     "RLHF_GPU_TOLERATION",
 }
 GPU_SELECTOR = {"nvidia.com/gpu.present": "true"}
+MLFLOW_SECRETS = ("rlhf-mlflow-admin", "rlhf-mlflow-pipeline", "rlhf-mlflow-serving")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -314,7 +315,8 @@ def test_mlflow_server(builds):
     line = " ".join(args)
     assert args[:2] == ["mlflow", "server"]
     uri = args[args.index("--backend-store-uri") + 1]
-    assert uri.startswith("postgresql://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/")
+    # the driver by name: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, the image has psycopg2
+    assert uri.startswith("postgresql+psycopg2://$(POSTGRES_USER)@postgres.rlhf.svc.cluster.local:5432/")
     assert args[args.index("--artifacts-destination") + 1] == "s3://mlflow"
     assert "--serve-artifacts" in args and "--host 0.0.0.0" in line and "--port 5000" in line
     hosts = {h.strip() for h in args[args.index("--allowed-hosts") + 1].split(",")}
@@ -337,6 +339,122 @@ def test_mlflow_server(builds):
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-s3-mlflow",
                                                                      "key": "RLHF_S3_ACCESS_KEY_ID"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def _auth_ini(docs: list[dict]):
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(find(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
+    return ini["mlflow"]
+
+
+def test_mlflow_server_authenticates(builds):
+    """basic-auth on, nobody but the accounts has any permission, every credential from a Secret."""
+    docs = builds["prod"]["docs"]
+    pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    args = c["args"]
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    env = {e["name"]: e for e in c["env"]}
+    path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "mlflow-auth" and mount.get("readOnly") is True
+    assert path.rsplit("/", 1)[1] in find(docs, "ConfigMap", "mlflow-auth")["data"]
+    ini = _auth_ini(docs)
+    assert ini["default_permission"] == "NO_PERMISSIONS"
+    assert ini["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    # the auth store in PostgreSQL, the user and password from PGUSER/PGPASSWORD (the rlhf-postgres Secret)
+    assert re.fullmatch(r"postgresql\+psycopg2://postgres\.rlhf\.svc\.cluster\.local:5432/\w+", ini["database_uri"])
+    assert "admin_password" not in ini
+    for name, (secret, key) in {"PGUSER": ("rlhf-postgres", "POSTGRES_USER"),
+                                "PGPASSWORD": ("rlhf-postgres", "POSTGRES_PASSWORD"),
+                                "MLFLOW_AUTH_ADMIN_USERNAME": ("rlhf-mlflow-admin", "MLFLOW_TRACKING_USERNAME"),
+                                "MLFLOW_AUTH_ADMIN_PASSWORD": ("rlhf-mlflow-admin", "MLFLOW_TRACKING_PASSWORD"),
+                                "MLFLOW_FLASK_SERVER_SECRET_KEY": ("rlhf-mlflow-admin",
+                                                                   "MLFLOW_FLASK_SERVER_SECRET_KEY")}.items():
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}, name
+
+
+def test_schema_migration_runs_before_the_server(builds):
+    """Init containers run in order, each to completion, before the server container starts."""
+    pod = find(builds["prod"]["docs"], "Deployment", "mlflow")["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    backend = server["args"][server["args"].index("--backend-store-uri") + 1]
+    init = {c["name"]: c for c in pod["initContainers"]}
+    assert list(init) == ["wait-for-postgres", "db-upgrade", "auth-db-upgrade"]
+    up, auth_up = init["db-upgrade"], init["auth-db-upgrade"]
+    assert up["command"] == ["mlflow", "db", "upgrade", backend]  # the server's own store
+    assert auth_up["command"][:6] == ["python", "-m", "mlflow.server.auth", "db", "upgrade", "--url"]
+    ini_uri = _auth_ini(builds["prod"]["docs"])["database_uri"]
+    assert auth_up["command"][6].replace("$(POSTGRES_USER)@", "") == ini_uri  # the auth store it will open
+    for c in (up, auth_up):
+        assert c["image"] == server["image"], "the migration must be the server's MLflow version"
+        env = {e["name"]: e for e in c["env"]}
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "rlhf-postgres"
+        assert "PASSWORD" not in " ".join(c["command"])
+    strategy = find(builds["prod"]["docs"], "Deployment", "mlflow")["spec"]["strategy"]
+    assert strategy == {"type": "Recreate"}, "an old server must not run against a migrated schema"
+
+
+def test_no_plaintext_credentials_in_manifests(builds, all_workloads):
+    """Credentials only by reference: no literal env value, no ConfigMap entry, no URI carries one."""
+    secretish = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$")
+    for doc in all_workloads:
+        for where, _, pod in pod_specs(doc):
+            for c in containers(pod):
+                for e in c.get("env", []):
+                    if secretish.search(e["name"]) and e["name"] != "AWS_ACCESS_KEY_ID":
+                        assert "value" not in e, f"{where}/{c['name']}: {e['name']} is a literal"
+    for name in ("base", "prod", "prod+cronjob", "pipeline-namespace"):
+        text = builds[name]["text"]
+        assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), f"{name}: credentials in a URI"
+        for d in builds[name]["docs"]:
+            if d["kind"] == "ConfigMap":
+                blob = "\n".join(d.get("data", {}).values()).lower()
+                assert not re.search(r"^\s*\w*password\s*[=:]", blob, re.M), f"{name}: {d['metadata']['name']}"
+
+
+def test_mlflow_accounts_job_and_pipeline_credentials(builds):
+    """The bootstrap Job runs as the admin with every account's password; pipeline pods get the pipeline
+    account, the retrain CronJob the read-only one; the Secrets' usernames are the accounts' names."""
+    import base64
+
+    from rlhf.mlops import access
+
+    docs = builds["prod+cronjob"]["docs"]
+    job = find(docs, "Job", "mlflow-accounts")
+    pod = job["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] + c["args"][:4] == ["rlhf", "tracking", "accounts", "--config", c["args"][3]]
+    cfg_path = c["args"][3]
+    mount = next(m for m in c["volumeMounts"] if cfg_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    cfg_text = find(docs, "ConfigMap", volume["configMap"]["name"])["data"][cfg_path.rsplit("/", 1)[1]]
+    cfg = access.AccessConfig.model_validate(yaml.safe_load(cfg_text))
+    assert {a.role for a in cfg.accounts} == {"pipeline", "serving"}
+    assert {"rlhf-policy", "rlhf-reward-model"} <= set(cfg.registered_models) and "rlhf" in cfg.experiments
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert env["MLFLOW_TRACKING_USERNAME"]["name"] == env["MLFLOW_TRACKING_PASSWORD"]["name"] == "rlhf-mlflow-admin"
+    secret_of = {a.username: env[a.password_env]["name"] for a in cfg.accounts}
+    assert secret_of == {"pipeline": "rlhf-mlflow-pipeline", "serving": "rlhf-mlflow-serving"}
+    assert "rlhf.io/pipeline-pod" not in pod["metadata"]["labels"], "not a pipeline pod: MLflow only"
+    # the usernames in the dev Secrets are the accounts the Job creates
+    dev = builds["dev"]["docs"]
+    for username, secret in secret_of.items():
+        data = find(dev, "Secret", secret)["data"]
+        assert base64.b64decode(data["MLFLOW_TRACKING_USERNAME"]).decode() == username
+    # who gets which account
+    cron = find(docs, "CronJob", "rlhf-retrain")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    refs = {s["secretRef"]["name"] for s in cron["containers"][0]["envFrom"] if "secretRef" in s}
+    assert "rlhf-mlflow-serving" in refs and "rlhf-mlflow-pipeline" not in refs, "retrain only reads the registry"
+    runtime = find(docs, "TrainingRuntime", "rlhf-torch")
+    (pytorchjob,) = load_all((K8S / "jobs/pytorchjob-ppo.yaml").read_text())
+    for doc in (runtime, pytorchjob):
+        for where, _, pod_spec in pod_specs(doc):
+            for c in pod_spec["containers"]:
+                assert {"secretRef": {"name": "rlhf-mlflow-pipeline"}} in c["envFrom"], where
 
 
 def test_services_and_urls_are_wired(builds):
@@ -416,8 +534,13 @@ def test_secrets_dev_generated_prod_out_of_band(builds):
     for name in ("prod", "prod+cronjob", "base"):
         docs = builds[name]["docs"]
         assert not [d for d in docs if d["kind"] == "Secret"], f"{name} must not carry secrets"
-        assert wanted <= referenced_secrets(docs), name
-    assert referenced_secrets(dev) <= wanted | {"rlhf-kfp"}
+        assert wanted | set(MLFLOW_SECRETS) <= referenced_secrets(docs), name
+    assert referenced_secrets(dev) <= wanted | {"rlhf-kfp", *MLFLOW_SECRETS}
+    for secret in MLFLOW_SECRETS:
+        data = {k: base64.b64decode(v).decode() for k, v in find(dev, "Secret", secret)["data"].items()}
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(data), secret
+        assert data["MLFLOW_TRACKING_PASSWORD"].startswith("dev-only"), secret
+        assert len(data["MLFLOW_TRACKING_PASSWORD"]) >= 12, "MLflow refuses shorter passwords"
     assert "rlhf-storage" not in builds["dev"]["text"] + builds["prod"]["text"], "the old shared root Secret"
 
 
@@ -437,7 +560,7 @@ def test_each_consumer_gets_its_own_object_store_user(builds, all_workloads):
     uses = {}
     for doc in docs + [d for f in job_template_files() for d in load_all(f.read_text())]:
         for where, _, pod in pod_specs(doc):
-            uses[where] = secret_refs(pod) - {"rlhf-postgres", "rlhf-kfp"}
+            uses[where] = secret_refs(pod) - {"rlhf-postgres", "rlhf-kfp", *MLFLOW_SECRETS}
     assert uses["Deployment/mlflow"] == {"rlhf-s3-mlflow"}
     assert uses["Job/minio-buckets"] == {ROOT_SECRET} | {s for s, _, _ in S3_USERS.values()}
     assert uses["StatefulSet/minio"] == {ROOT_SECRET}

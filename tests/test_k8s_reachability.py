@@ -245,6 +245,7 @@ def expected(world: World) -> dict[str, set[str]]:
         "postgres": {DNS},
         "minio": {DNS},
         "minio-buckets": {"minio:9000", DNS},
+        "mlflow-accounts": {"mlflow:5000", DNS},
         "feedback": {DNS},
         "retrain": {"mlflow:5000", "kfp-api:8888", DNS},
         "backup": {"postgres:5432", "minio:9000", DNS},

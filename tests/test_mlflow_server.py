@@ -66,8 +66,9 @@ def _processes(pgid: int, marker: str) -> list[tuple[int, str, str]]:
 class MlflowServer:
     """``mlflow server`` in its own process group; ``stop()`` ends the group and reports leftovers."""
 
-    def __init__(self, backend_uri: str, root: Path, env: dict[str, str] | None = None):
-        self.backend_uri, self.root = backend_uri, root
+    def __init__(self, backend_uri: str, root: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None):
+        self.backend_uri, self.root, self.args = backend_uri, root, list(args or [])
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
@@ -80,7 +81,7 @@ class MlflowServer:
     def start(self, timeout: float = 240) -> MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.args]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True, cwd=self.root)

@@ -151,11 +151,13 @@ def test_kubernetes_platform_spec(compiled):
         assert {"configMapKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"} in cm["keyToEnv"]
         assert {"configMapKey": "DVC_REMOTE_URL", "envVar": "DVC_REMOTE_URL"} in cm["keyToEnv"]
         # the pipeline's own MinIO user (k8s/base/minio-buckets-job.yaml), under names that KFP's launcher in
-        # the same container does not read for its artifact store (AWS_*, MINIO_*, OBJECTSTORECONFIG_*)
-        (sec,) = ex["secretAsEnv"]
-        assert sec["secretName"] == "rlhf-s3-pipeline"
-        assert {k["envVar"] for k in sec["keyToEnv"]} == {"RLHF_S3_ACCESS_KEY_ID", "RLHF_S3_SECRET_ACCESS_KEY"}
-        names = [k["envVar"] for k in sec["keyToEnv"] + cm["keyToEnv"]] + [e["name"] for e in ex.get("env", [])]
+        # the same container does not read for its artifact store (AWS_*, MINIO_*, OBJECTSTORECONFIG_*), and
+        # the MLflow pipeline account (may register and promote), never literals
+        secrets = {sec["secretName"]: {k["envVar"] for k in sec["keyToEnv"]} for sec in ex["secretAsEnv"]}
+        assert secrets == {"rlhf-s3-pipeline": {"RLHF_S3_ACCESS_KEY_ID", "RLHF_S3_SECRET_ACCESS_KEY"},
+                           "rlhf-mlflow-pipeline": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}, name
+        names = [k["envVar"] for sec in ex["secretAsEnv"] for k in sec["keyToEnv"]] + \
+            [k["envVar"] for k in cm["keyToEnv"]] + [e["name"] for e in ex.get("env", [])]
         assert not [n for n in names if re.match(r"(AWS_|MINIO_|OBJECTSTORECONFIG_)", n)], (name, names)
         assert int(ex["activeDeadlineSeconds"]) > 0, name
         # the label the NetworkPolicies admit (k8s/base/networkpolicies.yaml), on every step's pod

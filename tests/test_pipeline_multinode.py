@@ -136,6 +136,8 @@ def test_trainjob_reaches_the_pods_through_trainer_and_runtime_patches(monkeypat
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "rlhf-config"
     assert env["RLHF_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-s3-pipeline",
                                                                              "key": "RLHF_S3_SECRET_ACCESS_KEY"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-mlflow-pipeline",
+                                                                            "key": "MLFLOW_TRACKING_PASSWORD"}
     assert {"configMapRef": {"name": "rlhf-config"}} in c["envFrom"]
     assert env["KFP_RUN_ID"]["value"] == "5f2c1d0e" and env["HOME"]["value"] == "/tmp"
     assert not set(env) & set(mn.TORCH_RESERVED_ENV)

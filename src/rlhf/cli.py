@@ -122,7 +122,7 @@ for _s in STAGES:
     app.command(_s.name)(_stage_command(_s))
 
 
-tracking_app = typer.Typer(no_args_is_help=True, help="MLflow tracking: resend what an outage left unsent.")
+tracking_app = typer.Typer(no_args_is_help=True, help="MLflow tracking: resend what an outage left unsent; accounts.")
 app.add_typer(tracking_app, name="tracking")
 
 
@@ -138,6 +138,20 @@ def tracking_flush_cmd(directory: Path | None = typer.Option(None, "--dir", help
     n = tracking.resend_unsent(directory)
     typer.echo(f"sent {n['rows']} value(s) from {n['files']} file(s)"
                + (f"; {n['kept']} file(s) kept (see the warnings)" if n["kept"] else ""))
+
+
+@tracking_app.command("accounts")
+def tracking_accounts_cmd(config: Path = typer.Option(..., "--config", help="accounts file (YAML: experiments, "
+                                                      "registered_models, accounts)"),
+                          wait: float = typer.Option(0, "--wait", help="seconds to wait for the server first")):
+    """Create or update the MLflow users and their permissions (as the admin in MLFLOW_TRACKING_USERNAME)."""
+    from rlhf.mlops import access, tracking
+
+    cfg = access.load_config(config)
+    if wait:
+        access.wait_for_server(tracking.tracking_uri(), wait)
+    changes = access.apply_accounts(cfg)
+    typer.echo("\n".join(changes) if changes else "MLflow accounts: nothing to change")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, rollback, generate.")

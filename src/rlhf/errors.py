@@ -37,6 +37,12 @@ class ConfigError(UserError):
     """Invalid configuration (params.yaml or command-line overrides)."""
 
 
+class AccessDenied(UserError):
+    """A service (MLflow) refused the request for these credentials: who, what, and how to get access."""
+
+    exit_code = 4
+
+
 class ValidationFailed(UserError):
     """Data validation found failed expectations; training must not start."""
 

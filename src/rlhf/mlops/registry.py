@@ -41,6 +41,7 @@ a reason), :func:`rollback` and :func:`generate` (the ``rlhf models`` commands).
 from __future__ import annotations
 
 import datetime
+import functools
 import getpass
 import hashlib
 import json
@@ -82,6 +83,18 @@ def _user() -> str:
         return os.environ.get("RLHF_USER") or getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def _refusals(action: str):
+    """Decorator: MLflow's 401/403 become one line naming ``action`` (``{name}``: the model) and the user."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            cfg = next((a for a in (*args, *kwargs.values()) if isinstance(a, RegisterConfig)), None)
+            with tracking.refusals(action.format(name=(cfg or RegisterConfig()).model_name)):
+                return fn(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 def _check_name(name: str) -> str:
@@ -470,6 +483,7 @@ def _register_reward(client, reward_dir, inp, lineage, cfg: RegisterConfig) -> t
     return mv, True
 
 
+@_refusals("register or promote a version of {name!r}")
 def register(policy_dir: str | Path, reward_dir: str | Path | None, eval_dir: str | Path,
              cfg: RegisterConfig | None = None, *, pipeline_run_id: str | None = None,
              config_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -594,12 +608,14 @@ def _is_complete(d: Path, expected_hash: str | None) -> bool:
     return (d / "config.json").is_file() and manifest.get("content_hash") == expected_hash
 
 
+@_refusals("read {name!r}@champion")
 def champion_version(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION):
     """The MLflow ModelVersion (with its lineage tags) that ``alias`` points at, or None."""
     cfg = cfg or RegisterConfig()
     return _get_alias(_connect(), _check_name(cfg.model_name), alias)
 
 
+@_refusals("download the champion of {name!r}")
 def champion_dir(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION) -> Path | None:
     """The current champion's policy as a local directory (None when there is no champion).
 
@@ -663,6 +679,7 @@ FEEDBACK_LABELS_TAG = "feedback_labels"
 FEEDBACK_BATCHES_TAG = "feedback_batches"
 
 
+@_refusals("tag versions of {name!r}")
 def tag_feedback(cfg: RegisterConfig | None = None, *, data_hash: str, labels: int, batches: list[str]) -> list[int]:
     """Record on every version trained on ``data_hash`` how many human labels (and which batches) it saw."""
     cfg = cfg or RegisterConfig()
@@ -678,6 +695,7 @@ def tag_feedback(cfg: RegisterConfig | None = None, *, data_hash: str, labels: i
 # ----------------------------------------------------------------------------- rlhf models ...
 
 
+@_refusals("list the versions of {name!r}")
 def list_versions(cfg: RegisterConfig | None = None) -> list[dict[str, Any]]:
     """Every version, newest first: aliases, creation time, gate, key metrics, data hash, pipeline run."""
     cfg = cfg or RegisterConfig()
@@ -752,6 +770,7 @@ def _fmt(v: str | None) -> str:
         return "-"
 
 
+@_refusals("move the champion alias of {name!r}")
 def promote(version: int | str, reason: str, cfg: RegisterConfig | None = None) -> dict[str, Any]:
     """Make ``version`` the champion by hand; the reason is recorded on the version and in the log."""
     cfg = cfg or RegisterConfig()
@@ -778,6 +797,7 @@ def promote(version: int | str, reason: str, cfg: RegisterConfig | None = None) 
             "changed": True, "message": f"champion: v{previous if previous is not None else '-'} -> v{mv.version}"}
 
 
+@_refusals("move the champion alias of {name!r} back")
 def rollback(cfg: RegisterConfig | None = None, reason: str | None = None) -> dict[str, Any]:
     """Move ``champion`` back to the previous champion (the history stack); recorded in tags and the log."""
     cfg = cfg or RegisterConfig()
@@ -810,6 +830,7 @@ def rollback(cfg: RegisterConfig | None = None, reason: str | None = None) -> di
             "message": f"champion: v{current} -> v{target} (rolled back)"}
 
 
+@_refusals("load {name!r} from the registry")
 def load_components(cfg: RegisterConfig | None = None, *, alias: str = CHAMPION):
     """``(model, tokenizer, version)`` of ``models:/<name>@<alias>``, ready for generation."""
     import mlflow.transformers

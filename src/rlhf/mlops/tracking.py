@@ -28,6 +28,10 @@ MLflow unreachable: **fail fast at start-up**. :func:`stage_run` and
 database URI; 5 s timeout) before any work starts and stop with one line naming
 the URI and the fix.
 
+MLflow refusing the credentials (401 no or wrong credentials, 403 no permission; basic-auth on the
+cluster, :mod:`rlhf.mlops.access`): one line naming the action and the user
+(:class:`rlhf.errors.AccessDenied`, exit 4; :func:`refusals`). MLflow does not retry a 401/403.
+
 If the server goes away *after* the start, training neither dies nor waits:
 
 * Metrics and tags go through MLflow's asynchronous logging
@@ -71,6 +75,7 @@ If the server goes away *after* the start, training neither dies nor waits:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -88,7 +93,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.errors import AccessDenied, UserError
 from rlhf.redact import (
     REDACTED,
     config_params,
@@ -310,6 +315,8 @@ def store_errors(uri: str | None = None, hint: str | None = None) -> Iterator[No
                                  kept="the stage stopped before writing its output") from None
         if isinstance(e, UserError):
             raise
+        if is_denied(e):  # 401/403: the credentials, not the store
+            raise access_denied(e, _ACTION.get() or "use it") from None
         if isinstance(e, MlflowException) or type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3"):
             raise UserError(f"MLflow at {display_uri(uri)} failed: {_one_line(e)}",
                             hint=hint or "check MLFLOW_TRACKING_URI (a writable sqlite:/// file or a reachable "
@@ -398,10 +405,68 @@ def _experiment(client, uri: str) -> str:
         else:
             exp_id = exp.experiment_id
     except MlflowException as e:
+        if is_denied(e):
+            raise access_denied(e, _ACTION.get() or f"use the experiment {name!r}") from None
         raise UserError(f"MLflow at {display_uri(uri)} refused the request: {_one_line(e)}",
                         hint="check MLFLOW_TRACKING_URI and the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD "
                              "or MLFLOW_TRACKING_TOKEN)") from None
     return exp_id
+
+
+# ----------------------------------------------------------------------------- refused credentials
+
+#: MLflow's error codes for HTTP 401 and 403 (``mlflow.exceptions.get_error_code``). MLflow's HTTP retries
+#: cover only 408/429/5xx and refused connections, so a refusal comes back at once, never after retries.
+DENIED = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+#: what the caller is doing (outermost :func:`refusals`), for the message of a refusal anywhere below it
+_ACTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_mlflow_action", default=None)
+
+
+def mlflow_user() -> str:
+    """Who the MLflow client is: ``MLFLOW_TRACKING_USERNAME``, the user in the URI, a token, or anonymous."""
+    uri_user = urllib.parse.urlparse(tracking_uri()).username
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") or uri_user:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(uri_user or "")
+    return "a bearer token (MLFLOW_TRACKING_TOKEN)" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "anonymous"
+
+
+def is_denied(e: BaseException) -> bool:
+    """Whether ``e`` is MLflow refusing these credentials (401: not signed in, 403: not allowed)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.error_code in DENIED
+
+
+def access_denied(e: BaseException, action: str) -> AccessDenied:
+    """The one-line error for a refused request: what was refused, for whom, and how to get access."""
+    user = mlflow_user()
+    code = getattr(e, "error_code", "")
+    if code == "UNAUTHENTICATED":
+        why = "no credentials" if user == "anonymous" else "unknown user or wrong password"
+        hint = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an MLflow account "
+                "(on the cluster: the Secret rlhf-mlflow-pipeline or rlhf-mlflow-serving)")
+    else:
+        why = "this account may not do that"
+        hint = ("read-only accounts cannot register or move aliases: use the pipeline account, or have an MLflow "
+                "admin grant the permission (rlhf tracking accounts, docs/deploy.md 'Who can do what')")
+    return AccessDenied(f"MLflow at {display_uri()} refused to {action} for user {user!r} "
+                        f"(HTTP {DENIED.get(code, '?')} {code}: {why})", hint=hint)
+
+
+@contextlib.contextmanager
+def refusals(action: str) -> Iterator[None]:
+    """Turn MLflow's 401/403 inside the block into :class:`rlhf.errors.AccessDenied` (one line, exit 4)."""
+    token = _ACTION.set(_ACTION.get() or action)  # the outermost action: what the user asked for
+    try:
+        yield
+    except AccessDenied:
+        raise
+    except Exception as e:
+        if is_denied(e):
+            raise access_denied(e, _ACTION.get()) from None
+        raise
+    finally:
+        _ACTION.reset(token)
 
 
 def _one_line(e: BaseException) -> str:
@@ -459,10 +524,11 @@ def _request_futures(ops: Any) -> list:
 
 
 def _refused(error: BaseException) -> bool:
-    """Whether the store answered and rejected the values themselves (a bad key or value, a deleted run)."""
+    """Whether the store answered and rejected the values themselves (a bad key or value, a deleted run), or
+    refused these credentials (401/403: sending again with the same ones cannot help)."""
     from mlflow.exceptions import MlflowException
 
-    return isinstance(error, MlflowException) and error.error_code == "INVALID_PARAMETER_VALUE"
+    return isinstance(error, MlflowException) and (error.error_code == "INVALID_PARAMETER_VALUE" or is_denied(error))
 
 
 # ----------------------------------------------------------------------------- the tracker
@@ -690,14 +756,14 @@ def stage_run(stage: str, config: Any = None, tags: dict[str, Any] | None = None
     all_tags = default_tags({"stage": stage, ROLE_TAG: "stage", **(tags or {})})
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    with store_errors():
+    with store_errors(), refusals(f"start a run in the experiment {experiment_name()!r}"):
         run = client.create_run(exp_id, run_name=stage, tags=_run_context_tags(all_tags))
     tracker = Tracker(run, client)
     log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, display_uri())
     exc: BaseException | None = None
     try:
         if config is not None:
-            with store_errors():
+            with store_errors(), refusals(f"log params to run {run.info.run_id}"):
                 tracker.log_params(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
         yield tracker
     except BaseException as e:
@@ -745,7 +811,7 @@ def start_pipeline_run(pipeline_run_id: str | None = None, *, name: str = "rlhf-
     if not enabled():
         return None
     client, exp_id = connect()
-    with store_errors():
+    with store_errors(), refusals(f"start the pipeline run in the experiment {experiment_name()!r}"):
         run = _find_or_create_pipeline_run(client, exp_id, pipeline_run_id, name, config, tags)
     os.environ[ENV_PARENT] = run.info.run_id
     return run.info.run_id

@@ -11,9 +11,10 @@ parameters (:data:`RUN_PARAMETERS`, :data:`RESOURCE_PARAMETERS` and the config k
 :data:`rlhf.config.resolve.KNOBS`) and wires the DAG (:func:`make_pipeline`).
 
 Per task, from the stage table: display name, CPU/memory requests, timeout, caching, retries; and
-for every task the ``rlhf-config`` ConfigMap and the ``rlhf-s3-pipeline`` Secret as environment (MLflow
-URI, DVC remote, the pipeline's own MinIO user under names KFP's launcher does not read: never literals;
-:mod:`rlhf.data.remote`) and the pod label ``rlhf.io/pipeline-pod`` the NetworkPolicies admit. GPU tasks (sft, reward, ppo, evaluate):
+for every task the ``rlhf-config`` ConfigMap and the ``rlhf-s3-pipeline`` and ``rlhf-mlflow-pipeline`` Secrets
+as environment (MLflow URI, DVC remote, the pipeline's own MinIO user under names KFP's launcher does not
+read, the MLflow pipeline account: never literals; :mod:`rlhf.data.remote`, :mod:`rlhf.mlops.access`) and
+the pod label ``rlhf.io/pipeline-pod`` the NetworkPolicies admit. GPU tasks (sft, reward, ppo, evaluate):
 accelerator type and limit from pipeline parameters, the GPU node selector and toleration (pipeline
 parameters, passed as JSON to kfp-kubernetes), ``/dev/shm`` as a memory-backed emptyDir, and
 ``RLHF_DEVICE=cuda``: a GPU step that sees no GPU stops at once (:func:`rlhf.pipeline.steps.check_device`).
@@ -45,6 +46,8 @@ from kfp import dsl, kubernetes
 
 from rlhf.config.resolve import KNOBS, cluster_profile, knobs_for, params_text, parse_yaml
 from rlhf.data.remote import S3_KEY_ENV, S3_SECRET
+from rlhf.mlops.access import CREDENTIAL_KEYS as MLFLOW_SECRET_KEYS
+from rlhf.mlops.access import PIPELINE_SECRET as MLFLOW_SECRET
 from rlhf.pipeline import components as generated
 from rlhf.pipeline import exit_task
 from rlhf.pipeline.stages import Stage, stage
@@ -203,6 +206,7 @@ def _common(task, s: Stage, *, retries: bool) -> None:
     kubernetes.set_timeout(task, s.timeout_s)
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_MAP_KEYS})
     kubernetes.use_secret_as_env(task, STORAGE_SECRET, {k: k for k in SECRET_KEYS})
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {k: k for k in MLFLOW_SECRET_KEYS})
     kubernetes.add_pod_label(task, *POD_LABEL)
     if not s.cache:
         task.set_caching_options(False)
@@ -266,6 +270,7 @@ def _dag(c: Components, p, *, retries: bool, gpu_device: str | None, record_imag
     final.set_cpu_request("100m").set_memory_request("512Mi")
     kubernetes.use_config_map_as_env(final, CONFIG_MAP, {k: k for k in CONFIG_MAP_KEYS})
     kubernetes.use_secret_as_env(final, STORAGE_SECRET, {k: k for k in SECRET_KEYS})
+    kubernetes.use_secret_as_env(final, MLFLOW_SECRET, {k: k for k in MLFLOW_SECRET_KEYS})
     kubernetes.add_pod_label(final, *POD_LABEL)
     kubernetes.set_timeout(final, 900)
     with dsl.ExitHandler(final, name="rlhf-run"):

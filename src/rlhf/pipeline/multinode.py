@@ -105,10 +105,14 @@ def job_name(stage: str, run_id: str = "") -> str:
 
 def env_list(extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Pod env: ConfigMap and Secret keys as references, then forwarded/extra literal values."""
+    from rlhf.mlops import access
+
     env: list[dict[str, Any]] = [
         {"name": k, "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": k, "optional": True}}}
         for k in CONFIG_MAP_KEYS]
     env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": STORAGE_SECRET, "key": k}}} for k in SECRET_KEYS]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": access.PIPELINE_SECRET, "key": k}}}
+            for k in access.CREDENTIAL_KEYS]
     literal = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     literal.update(extra or {})
     env += [{"name": k, "value": str(v)} for k, v in literal.items()]
