@@ -12,6 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: fields that change how a training run is checkpointed and logged, never what it computes: left out of
+#: a checkpoint's run fingerprint and of what ``rlhf run --resume`` compares before reusing an output
+RUN_ONLY_FIELDS = frozenset({"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
+                             "resume", "replace_stale_checkpoints", "log_every"})
+
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.config.schema import RUN_ONLY_FIELDS
 from rlhf.errors import ConfigError, UserError
 from rlhf.io import read_manifest, sha256_file
 from rlhf.train import distributed as D
@@ -59,8 +60,7 @@ TRAINER = "trainer.pt"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 FORMAT = 1
 #: config fields that do not change what a run computes (left out of :func:`fingerprint`)
-NOT_FINGERPRINTED = frozenset({"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
-                               "resume", "replace_stale_checkpoints", "log_every"})
+NOT_FINGERPRINTED = RUN_ONLY_FIELDS
 
 
 # ----------------------------------------------------------------------------- RNG states
