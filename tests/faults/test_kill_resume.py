@@ -80,3 +80,43 @@ def test_sigkill_at_a_random_step_then_the_same_command_ends_like_an_uninterrupt
     a, b = json.loads((ref / "manifest.json").read_text())["metrics"], manifest["metrics"]
     skip = {*TIMING_METRICS, "seconds", "samples_per_s", "resumed_from_step"}
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def test_two_ranks_resume_from_one_checkpoint_to_the_same_weights(dataset, tiny_cfg, tmp_path):
+    """DDP (2 gloo ranks): rank 0 writes the checkpoint, every rank loads it. A finished run that kept its
+    checkpoints (``keep_checkpoints_on_success``) has its output removed and the same command rerun: both
+    ranks resume from the step-2 checkpoint and end with the first run's weights, bit for bit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": {"name": "tiny", "cache_dir": tiny_cfg.cache_dir, "device": "cpu"},
+        "sft": {**SECTIONS["sft"], "max_steps": 4, "batch_size": 4, "checkpoint_every": 2,
+                "keep_checkpoints_on_success": True}}))
+    out = tmp_path / "ddp"
+    env = {**os.environ, **ENV, "RLHF_DIST_BACKEND": "gloo"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+
+    def torchrun(logs: str) -> dict[str, str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--log-dir", str(tmp_path / logs), "--redirects", "3", "-m", "rlhf.cli",
+               *_args("sft", out, params, dataset, None, None)]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=900)
+        rank_logs = {p.parent.name: p.read_text() for p in (tmp_path / logs).rglob("stderr.log")}
+        assert r.returncode == 0, (r.stderr[-2000:], {k: v[-2000:] for k, v in rank_logs.items()})
+        return rank_logs
+
+    torchrun("first")
+    first = _weights(out)
+    assert (tmp_path / "ddp.checkpoints" / "step-000002" / "COMPLETE").exists()
+    assert json.loads((tmp_path / "ddp.checkpoints" / "step-000002" / "state.json").read_text())["world_size"] == 2
+    shutil.rmtree(out)
+    logs = torchrun("second")
+    assert set(logs) == {"0", "1"} and "[sft] resuming from" in logs["0"], logs  # rank 0 speaks for all
+    assert _weights(out) == first != {}  # rank 1 loaded the checkpoint too: otherwise its gradients would differ
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 2

@@ -60,3 +60,15 @@ def test_anything_else_is_not_reused(sft_model, dataset, demo_raw, tiny_cfg, tmp
         "its files do not match the manifest's content hash"
     (art / "manifest.json").unlink()  # a half-written output has no manifest
     assert reuse.mismatch(art, "sft", "policy", {"dataset": dataset}, cfgs) == "no readable manifest.json"
+
+
+def test_resume_without_a_run_directory_is_one_line(demo_raw, tmp_path):
+    from conftest import ROOT, run_cli
+
+    env = {"RLHF_TRACKING": "off", "RLHF_PROFILE": ""}
+    base = ["run", "--raw", str(demo_raw), "--params", str(ROOT / "params.yaml")]
+    r = run_cli(*base, "--resume", "--runs-dir", str(tmp_path / "runs"), env=env, timeout=300)
+    assert r.returncode == 2 and "no run directory to resume in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli(*base, "--run-dir", str(tmp_path), env=env, timeout=300)
+    assert r.returncode == 2 and "is not a run directory of `rlhf run`" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == [], "nothing written"

@@ -181,11 +181,11 @@ def resume_dir(runs_dir: str | Path, resume: str | Path | bool) -> Path:
                        key=lambda p: p.stat().st_mtime, reverse=True)
         if not found:
             raise UserError(f"no run directory to resume in {runs_dir}", where="rlhf run --resume",
-                            hint="start one with `rlhf run`, or name it: --resume runs/<run>")
+                            hint="start one with `rlhf run`, or name one: --run-dir runs/<run>")
         return found[0]
     path = Path(resume)
     if not (path / "run.json").is_file():
-        raise UserError(f"{path} is not a run directory of `rlhf run` (no run.json)", where="rlhf run --resume",
+        raise UserError(f"{path} is not a run directory of `rlhf run` (no run.json)", where="rlhf run --run-dir",
                         hint="name one under runs/, or pass --resume alone for the newest")
     return path
 

@@ -132,7 +132,7 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, total: int, batc
     """
     from rlhf.train import distributed as D
 
-    progress = Progress(stage, total, log_every)
+    progress = Progress(stage, total, log_every, start=start_step)
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     model.train()
@@ -188,8 +188,9 @@ def fmt_duration(seconds: float) -> str:
 class Progress:
     """A line per ``every`` steps: ``[stage] step 20/200 loss=1.234 tok/s=5,120 eta=0:01:10``."""
 
-    def __init__(self, stage: str, total: int, every: int = 10):
+    def __init__(self, stage: str, total: int, every: int = 10, start: int = 0):
         self.stage, self.total, self.every = stage, total, every
+        self.first = start  # the steps done before this process (a resumed run): not in the rate
         self.start = time.perf_counter()
         self.tokens = 0
 
@@ -198,7 +199,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         rate = {"tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
         if step == 1 or step % self.every == 0 or step == self.total:
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(step - self.first, 1) * (self.total - step)
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             log.info("[%s] step %d/%d %s tok/s=%s eta=%s", self.stage, step, self.total, shown,
                      f"{rate['tokens_per_s']:,.0f}", fmt_duration(eta))
