@@ -326,15 +326,22 @@ def run_cmd(
                                     "(KFP's DockerRunner; `make image` builds it)"),
     image: str | None = typer.Option(None, "--image", envvar="RLHF_IMAGE",
                                      help="the image of --containers (default: the pipeline's)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the newest run directory under --runs-dir "
+                                "(or --run-dir): reuse its finished stages, resume training from checkpoints"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="the run directory --resume continues"),
 ):
-    """Run the whole pipeline here with the KFP local runner (CPU, demo data); prints a summary."""
+    """Run the whole pipeline here with the KFP local runner (CPU, demo data); prints a summary.
+
+    After an interruption (Ctrl-C, kill, a crash), `rlhf run --resume` with the same inputs continues the
+    run: stages that finished are reused, the interrupted training stage resumes from its checkpoint."""
     from rlhf.config import resolve
     from rlhf.pipeline import local as pipeline_run
 
     result = pipeline_run.run_local(raw=raw, params=params, profile=profile, runs_dir=runs_dir,
                                     parameters=resolve.parse_assignments(param),
                                     overrides=resolve.dotted_overrides(set_fields), verbose=verbose,
-                                    quiet=quiet, threads=threads, containers=containers, image=image)
+                                    quiet=quiet, threads=threads, containers=containers, image=image,
+                                    resume=(run_dir or True) if (resume or run_dir) else None)
     typer.echo(pipeline_run.format_summary(result))
 
 

@@ -183,6 +183,50 @@ def write_file_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def content_hash(artifact_dir: str | Path) -> str:
+    """The content hash a manifest records: :func:`sha256_dir` of the artifact without its manifest."""
+    root = Path(artifact_dir)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        rel = p.relative_to(root).as_posix()
+        if rel == MANIFEST:
+            continue
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(sha256_file(p).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def artifact_problem(artifact_dir: str | Path) -> str | None:
+    """``None`` when ``artifact_dir`` is a whole stage output (a manifest whose content hash matches the
+    files beside it), else what is wrong with it."""
+    mf = Path(artifact_dir) / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"no readable {MANIFEST}"
+    if not isinstance(manifest, dict) or not manifest.get("content_hash"):
+        return f"{MANIFEST} records no content hash"
+    if content_hash(artifact_dir) != manifest["content_hash"]:
+        return "its files do not match the manifest's content hash"
+    return None
+
+
+def input_hashes(inputs: dict[str, str | Path] | None) -> dict[str, str]:
+    """The identity of each input as a manifest records it: an upstream artifact's own content hash
+    (from its manifest), else the hash of the file or directory."""
+    out = {}
+    for name, p in (inputs or {}).items():
+        p = Path(p)
+        mf = p / MANIFEST
+        if p.is_dir() and mf.exists():
+            out[name] = json.loads(mf.read_text()).get("content_hash") or sha256_path(p)
+        else:
+            out[name] = sha256_path(p)
+    return out
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
@@ -200,22 +244,14 @@ def write_manifest(
     from rlhf import __version__
 
     out_dir = Path(out_dir)
-    input_hashes = {}
-    for name, p in (inputs or {}).items():
-        p = Path(p)
-        mf = p / MANIFEST
-        if p.is_dir() and mf.exists():
-            # an upstream artifact: its identity is its own content hash, recorded in its manifest
-            input_hashes[name] = json.loads(mf.read_text()).get("content_hash") or sha256_path(p)
-        else:
-            input_hashes[name] = sha256_path(p)
+    hashes = input_hashes(inputs)  # an upstream artifact's identity: its own content hash
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json")
     manifest = {
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
         "rlhf_version": __version__,
-        "inputs": input_hashes,
+        "inputs": hashes,
         "config": config or {},
         "metrics": metrics or {},
         **(extra or {}),

@@ -12,6 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: fields that change how a training run is checkpointed and logged, never what it computes: left out of
+#: a checkpoint's run fingerprint and of what ``rlhf run --resume`` compares before reusing an output
+RUN_ONLY_FIELDS = frozenset({"checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_checkpoints_on_success",
+                             "resume", "replace_stale_checkpoints", "log_every"})
+
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -80,6 +85,15 @@ class TrainConfig(StageConfig):
     eval_max_rows: int = Field(256, ge=1, description="eval rows used for held-out metrics")
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    # checkpoints and resume, as in PPO (rlhf.train.checkpoint; docs/ppo.md "Checkpoints")
+    checkpoint_every: int = Field(20, ge=0, description="checkpoint every N optimizer steps (0: never)")
+    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
+    replace_stale_checkpoints: bool = Field(
+        False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
+                           "checkpoint directory; false: stop with an error and keep them")
 
 
 class SFTConfig(TrainConfig):

@@ -483,7 +483,7 @@ def prepare(raw: str | Path, out: str | Path, cfg: PrepareConfig | None = None) 
             **{f"{k}_duplicates_removed": n for k, n in dups.items()},
             "invalid_records_skipped": n_invalid,
         }
-        write_manifest(tmp, kind="dataset", config=cfg, metrics=metrics,
+        write_manifest(tmp, kind="dataset", inputs={"raw": raw}, config=cfg, metrics=metrics,
                        extra={"files": {_rel(f, raw): sha256_file(f) for f in files}, "counts": counts,
                               "duplicates_removed": dups, "sft_source": sft_source,
                               "invalid_records": {"count": n_invalid, "first": (invalid or [])[:5]}})

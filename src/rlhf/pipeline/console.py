@@ -28,6 +28,8 @@ SKIP_UPSTREAM = re.compile(r"Skipping task (\S+): upstream")
 # logger ("[KFP Executor 2026-01-01 12:00:01,123 INFO]: msg")
 RLHF_LINE = re.compile(r"^(?:\d\d:\d\d:\d\d (INFO|WARNING|ERROR) rlhf|\[KFP Executor [^\]]* (INFO|WARNING|ERROR)\]): (.*)$")
 DONE_LINE = re.compile(r"^\[\w+\] done: ")
+REUSED_LINE = re.compile(r"^\[\w+\] reused ")  # rlhf run --resume: the output of an earlier attempt
+RESUMED_LINE = re.compile(r"^\[\w+\] resuming from \S+ \(step (\d+)/(\d+)\)")
 QUIET_LINE = re.compile(r"^\[\w+\] (checkpoint|saved checkpoint|resum)")
 STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+)\b")
 USER_ERROR = re.compile(r"^(?:rlhf\.errors\.)?(ValidationFailed|DataError|ConfigError|UserError|DiskFull): (.*)$")
@@ -50,6 +52,8 @@ class TaskState:
     log: Path | None = None
     error: str = ""
     error_type: str = ""
+    reused: bool = False  # taken from an earlier attempt (rlhf run --resume)
+    resumed_from: int = 0  # the checkpoint step a training step resumed from
 
 
 @dataclass(eq=False)
@@ -136,6 +140,11 @@ class Console:
             state.error_type, state.error = m.group(1), m.group(2)
         elif (m := ANY_ERROR.match(body.strip())) and not state.error_type:
             state.error = f"{m.group(1)}: {m.group(2)}"
+        if (m := RLHF_LINE.match(body.strip())) and m.group(3).startswith("["):
+            if REUSED_LINE.match(m.group(3)):
+                state.reused = True
+            elif r := RESUMED_LINE.match(m.group(3)):
+                state.resumed_from = int(r.group(1))
         if self.verbose:
             self.echo("    " + body)
         elif not self.quiet and (m := RLHF_LINE.match(body.strip())):
@@ -180,8 +189,11 @@ class Console:
         elif self.stop_reason:
             state.status = "stopped"
             self.echo(f"{self.stamp()} {stage_of(task):<9} stopped ({self.stop_reason}) after {took:.1f} s")
+        elif ok and state.reused:
+            self.echo(f"{self.stamp()} {stage_of(task):<9} reused (finished by an earlier attempt)")
         elif ok:
-            self.echo(f"{self.stamp()} {stage_of(task):<9} finished in {took:.1f} s")
+            resumed = f", resumed from its step {state.resumed_from} checkpoint" if state.resumed_from else ""
+            self.echo(f"{self.stamp()} {stage_of(task):<9} finished in {took:.1f} s{resumed}")
         else:
             self.echo(f"{self.stamp()} {stage_of(task):<9} FAILED after {took:.1f} s (log: {state.log})")
         if self._task_log:

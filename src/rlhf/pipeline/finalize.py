@@ -32,6 +32,42 @@ def _pipeline_run_id(run_id: str) -> str:
     return os.environ.get(tracking.ENV_PIPELINE) or run_id
 
 
+def _running(client, exp_id: str, pipeline_run_id: str) -> list:
+    return client.search_runs([exp_id], filter_string=(
+        f"tags.pipeline_run_id = '{pipeline_run_id}' and attributes.status = 'RUNNING'"), max_results=1000)
+
+
+def end_running_runs(pipeline_run_id: str, status: str, *, include_parent: bool = False,
+                     reason: str = "") -> list[str]:
+    """End the RUNNING MLflow runs of pipeline run ``pipeline_run_id`` with ``status``: its stage runs, and
+    with ``include_parent`` its parent run too (tagged ``pipeline_state`` = ``status`` and ``reason``).
+
+    What `rlhf run` does for an attempt that was killed without closing its runs (SIGKILL):
+    :func:`rlhf.pipeline.local.close_abandoned`, and ``rlhf run --resume`` before its steps start.
+    Returns the ids it ended."""
+    from rlhf.mlops import tracking
+
+    if not tracking.enabled():
+        return []
+    pipeline_run_id = tracking._check_pipeline_run_id(pipeline_run_id)
+    client, exp_id = tracking.connect()
+    found = tracking.find_pipeline_run(client, exp_id, pipeline_run_id)
+    parent = found.info.run_id if found is not None else None
+    closed = []
+    for r in _running(client, exp_id, pipeline_run_id):
+        if r.info.run_id == parent and not include_parent:
+            continue
+        if r.info.run_id == parent:
+            client.set_tag(parent, "pipeline_state", status)
+            if reason:
+                client.set_tag(parent, "pipeline_error", tracking.redact_value(reason)[:5000])
+        client.set_terminated(r.info.run_id, status=status)
+        closed.append(r.info.run_id)
+    if closed:
+        log.info("ended %d MLflow run(s) of pipeline run %s %s", len(closed), pipeline_run_id, status)
+    return closed
+
+
 def close_mlflow_runs(run_id: str, state: str, error: str = "") -> list[str]:
     """End the parent and any RUNNING stage run of pipeline run ``run_id`` FAILED; returns their ids."""
     from rlhf.mlops import tracking
@@ -45,9 +81,7 @@ def close_mlflow_runs(run_id: str, state: str, error: str = "") -> list[str]:
     if not parent:
         found = tracking.find_pipeline_run(client, exp_id, pipeline_run_id)
         parent = found.info.run_id if found is not None else None
-    running = client.search_runs([exp_id], filter_string=(
-        f"tags.pipeline_run_id = '{pipeline_run_id}' and attributes.status = 'RUNNING'"), max_results=1000)
-    for r in running:
+    for r in _running(client, exp_id, pipeline_run_id):
         if r.info.run_id != parent:
             client.set_terminated(r.info.run_id, status="FAILED")
             closed.append(r.info.run_id)

@@ -156,6 +156,8 @@ class RunResult:
     registration: dict[str, Any] | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    reused: list[str] = field(default_factory=list)  # stages taken from an earlier attempt (--resume)
+    resumed: bool = False
 
 
 def new_run_dir(runs_dir: str | Path) -> Path:
@@ -166,6 +168,69 @@ def new_run_dir(runs_dir: str | Path) -> Path:
         path = base.with_name(f"{base.name}-{i}")
     path.mkdir(parents=True)
     return path
+
+
+#: ``<run dir>/<LOCK>``: the process of `rlhf run` working in the directory (removed when it ends)
+LOCK = "rlhf-run.json"
+
+
+def resume_dir(runs_dir: str | Path, resume: str | Path | bool) -> Path:
+    """The run directory ``--resume`` continues: the one given, or the newest under ``runs_dir``."""
+    if resume is True or str(resume) in ("", "latest"):
+        found = sorted((p for p in Path(runs_dir).glob("*") if (p / "run.json").is_file()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        if not found:
+            raise UserError(f"no run directory to resume in {runs_dir}", where="rlhf run --resume",
+                            hint="start one with `rlhf run`, or name one: --run-dir runs/<run>")
+        return found[0]
+    path = Path(resume)
+    if not (path / "run.json").is_file():
+        raise UserError(f"{path} is not a run directory of `rlhf run` (no run.json)", where="rlhf run --run-dir",
+                        hint="name one under runs/, or pass --resume alone for the newest")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(run_dir: Path) -> int | None:
+    """The pid of a live `rlhf run` on this host that works in ``run_dir``, else None."""
+    doc = _read_json(run_dir / LOCK) or {}
+    pid = doc.get("pid")
+    if isinstance(pid, int) and doc.get("host") == socket.gethostname() and pid != os.getpid() and _alive(pid):
+        return pid
+    return None
+
+
+def close_abandoned(runs_dir: str | Path) -> list[str]:
+    """End the MLflow runs of `rlhf run`s under ``runs_dir`` that were killed (SIGKILL, power loss): their lock
+    names a process of this host that is gone. Parent and stage runs still RUNNING end ``KILLED``; returns
+    their run ids. A resumed run reopens its parent."""
+    from rlhf.mlops import tracking
+    from rlhf.pipeline.finalize import end_running_runs
+
+    closed: list[str] = []
+    for lock in Path(runs_dir).glob(f"*/{LOCK}"):
+        doc = _read_json(lock) or {}
+        pid = doc.get("pid")
+        if doc.get("host") != socket.gethostname() or not isinstance(pid, int) or _alive(pid):
+            continue
+        if tracking.enabled():
+            try:
+                closed += end_running_runs(f"local-{lock.parent.name}", "KILLED", include_parent=True,
+                                           reason=f"rlhf run (pid {pid}) ended without closing its runs")
+            except Exception as e:  # noqa: BLE001 - a clean-up; the new run is what matters
+                print(f"rlhf run: could not close the MLflow runs of {lock.parent}: {e}", file=sys.stderr)
+                continue
+        lock.unlink(missing_ok=True)
+    return closed
 
 
 def _link_outputs(run_dir: Path, pipeline_root: Path) -> dict[str, Path]:
@@ -349,11 +414,16 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
               runs_dir: str | Path = "runs", parameters: dict[str, Any] | None = None,
               overrides: dict[str, dict[str, Any]] | None = None, verbose: bool = False, quiet: bool = False,
               threads: int | None = None, out: Any = None, containers: bool = False,
-              image: str | None = None) -> RunResult:
+              image: str | None = None, resume: str | Path | bool | None = None) -> RunResult:
     """Run the pipeline with the KFP local runner; return what happened (see :func:`format_summary`).
 
     ``containers``: every step in ``image`` (default ``$RLHF_IMAGE`` or the pipeline's) with KFP's
     DockerRunner instead of a subprocess of this Python.
+
+    ``resume``: continue an interrupted run in its run directory (a path, or True: the newest under
+    ``runs_dir``): a new attempt there whose steps reuse the earlier attempts' whole outputs made from
+    the same inputs and config, and whose training steps resume from their checkpoints
+    (:mod:`rlhf.pipeline.reuse`); the same MLflow parent run.
     """
     from rlhf.mlops import tracking, versioning
 
@@ -389,13 +459,22 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
         _check_readable(raw.resolve())
     if tracking.enabled():  # an unusable tracking URI stops the run before its run directory exists
         tracking.check_reachable(tracking.tracking_uri())
-    run_dir = new_run_dir(runs_dir)
+    run_dir = resume_dir(runs_dir, resume) if resume else None
+    if run_dir is not None and (pid := _owner(run_dir)):
+        raise UserError(f"{run_dir} is in use by a running `rlhf run` (pid {pid})", where="rlhf run --resume",
+                        hint="wait for it or stop it (Ctrl-C / kill its pid) first")
+    from rlhf.pipeline import reuse
+
+    close_abandoned(run_dir.parent if run_dir is not None else runs_dir)
+    run_dir = run_dir or new_run_dir(runs_dir)
+    (run_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
     pipeline_root = run_dir / "kfp"
     (run_dir / "run.json").write_text(json.dumps(
         {k: v for k, v in args.items() if k != "params_yaml"}, indent=2, sort_keys=True) + "\n")
     (run_dir / "params.yaml").write_text(params.read_text(encoding="utf-8"), encoding="utf-8")
     print(f"rlhf run: profile {profile}, data {data_hash[:8] or '?'} ({raw}), "
-          f"run directory {run_dir}" + (f", image {image}" if containers else ""), file=out, flush=True)
+          f"run directory {run_dir}" + (f", image {image}" if containers else "")
+          + (" (resumed: finished stages are reused)" if resume else ""), file=out, flush=True)
 
     from kfp import local
 
@@ -404,7 +483,10 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                                  record_images=False)
     console = Console(run_dir, out=out, verbose=verbose, quiet=quiet)
     env_keep = {k: os.environ.get(k) for k in ("RLHF_PROFILE", "RLHF_DATA_HASH", "RLHF_LOCAL_RUN", "OMP_NUM_THREADS",
-                                               "MKL_NUM_THREADS")}
+                                               "MKL_NUM_THREADS", reuse.ENV)}
+    os.environ.pop(reuse.ENV, None)
+    if resume:
+        os.environ[reuse.ENV] = str(pipeline_root.resolve())  # the steps look for earlier attempts' outputs
     if data_hash:
         os.environ["RLHF_DATA_HASH"] = data_hash
     note = ""
@@ -415,7 +497,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
     if note:
         print(f"rlhf run: {note}", file=out, flush=True)
     t0 = time.perf_counter()
-    result = RunResult(run_dir=run_dir, status="failed", seconds=0.0)
+    result = RunResult(run_dir=run_dir, status="failed", seconds=0.0, resumed=bool(resume))
     stopper = StopOnSignal(console, stop=(lambda: _stop_containers(docker_client, run_dir)) if containers else None)
     os.environ["RLHF_LOCAL_RUN"] = str(os.getpid())  # steps stop when this process is gone (rlhf.process)
     display_uri = tracking.display_uri()
@@ -428,6 +510,10 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                       **({"image": image} if containers else {})}))
             if prun.run_id:
                 result.mlflow_run_id, result.tracking_uri = prun.run_id, display_uri
+                if resume:  # the stage runs an earlier attempt left RUNNING (it was killed) end KILLED
+                    from rlhf.pipeline.finalize import end_running_runs
+
+                    end_running_runs(f"local-{run_dir.name}", "KILLED", reason="interrupted; resumed")
             runner = (_docker_runner(image, run_dir, pipeline_root, raw, mounts) if containers
                       else local.SubprocessRunner(use_venv=False))
             local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=False)
@@ -467,9 +553,11 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        (run_dir / LOCK).unlink(missing_ok=True)
         result.seconds = time.perf_counter() - t0
         result.stage_seconds = {stage_of(t): round(s.ended - s.started, 1) for t, s in console.tasks.items()
                                 if s.ended and s.started}
+        result.reused = [stage_of(t) for t, s in console.tasks.items() if s.reused]
         if pipeline_root.exists():
             result.artifacts = _link_outputs(run_dir, pipeline_root)
         ev = result.artifacts.get("evaluate") if result.status != "interrupted" else None
@@ -488,7 +576,7 @@ def summary_doc(r: RunResult) -> dict[str, Any]:
     return {"status": r.status, "seconds": round(r.seconds, 1), "run_dir": str(r.run_dir), "gate": r.gate,
             "metrics": r.metrics, "artifacts": {k: str(v) for k, v in r.artifacts.items()},
             "mlflow_run_id": r.mlflow_run_id, "tracking_uri": r.tracking_uri, "registration": r.registration,
-            "stage_seconds": r.stage_seconds, "error": r.error}
+            "stage_seconds": r.stage_seconds, "error": r.error, "resumed": r.resumed, "reused": r.reused}
 
 
 def _stage_metric(path: Path | None, *keys: str) -> str:
@@ -500,6 +588,8 @@ def _stage_metric(path: Path | None, *keys: str) -> str:
 def format_summary(r: RunResult) -> str:
     """The closing summary ``rlhf run`` prints."""
     lines = ["", f"Pipeline finished in {r.seconds:.0f} s; run directory {r.run_dir}"]
+    if r.resumed:
+        lines.append(f"  resumed   reused from an earlier attempt: {', '.join(r.reused) or 'nothing'}")
     if r.gate is not None:
         decision = "PASSED" if r.gate.get("passed") else "FAILED"
         lines.append(f"  gate      {decision}: {r.gate.get('reason', '')}")

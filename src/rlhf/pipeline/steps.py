@@ -204,12 +204,17 @@ def run_component(name: str, *, inputs: dict[str, Any], out: Any, params_yaml: s
     out_dir = Path(getattr(out, "path", out))
     target = out_dir / spec.output.file if spec.output.file else out_dir
     nproc = processes(name, gpus)
-    with parent_run(run_id), _profile_env(run.profile):
-        if nproc > 1:
-            result = run_torchrun(name, paths, target, run, nproc)
-        else:
-            result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
-                               data_revision=data_revision)
+    from rlhf.pipeline import reuse
+
+    result = reuse.reuse_output(name, paths, target, run)  # rlhf run --resume: an earlier attempt's output
+    if result is None:
+        reuse.adopt_checkpoints(name, target, run)  # ... or its checkpoints, to resume from
+        with parent_run(run_id), _profile_env(run.profile):
+            if nproc > 1:
+                result = run_torchrun(name, paths, target, run, nproc)
+            else:
+                result = run_stage(name, paths, target, run, run_id=run_id, data_hash=data_hash,
+                                   data_revision=data_revision)
     _tag_artifact(out, out_dir)
     if metrics is not None:
         for k, v in numeric_metrics(result).items():

@@ -20,10 +20,13 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from rlhf.train.checkpoint import RunCheckpoints
 
 log = logging.getLogger("rlhf")
 
@@ -89,18 +92,53 @@ class MicroBatch:
     stats: dict[str, float]
 
 
+def resume_training(stage: str, out, cfg, model_cfg, inputs: dict[str, Any], info, total: int,
+                    model: torch.nn.Module, opt, sched, precision) -> tuple[RunCheckpoints, int]:
+    """The checkpoints of this SFT / reward run and the step to start after (0: a fresh run).
+
+    The run is the same run when its config (but for the checkpoint settings), model config, inputs
+    (``inputs``: name -> artifact path, identified by content hash) and rank count are; a checkpoint
+    of it is loaded into ``model`` (unwrapped), ``opt``, ``sched`` and ``precision`` on every rank, and
+    the RNG states are restored (:meth:`RunCheckpoints.load`).
+    """
+    from rlhf.train import checkpoint as ckpt
+
+    fp = ckpt.fingerprint(stage, cfg, model_cfg, {k: ckpt.artifact_id(v) for k, v in inputs.items()},
+                          info.world_size)
+    checkpoints = ckpt.RunCheckpoints(ckpt.checkpoint_root(out, cfg), fp, cfg, info, stage=stage, total_steps=total)
+    found = checkpoints.load()
+    if found is None:
+        return checkpoints, 0
+    ckpt.load_trainable_state(model, found.weights("model"))
+    trainer = found.trainer_state()
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    precision.load_state_dict(trainer.get("precision") or {})
+    return checkpoints, found.step
+
+
 def train_steps(stage: str, model: torch.nn.Module, opt, sched, total: int, batch_iter: Iterator[list[int]],
                 grad_accum: int, units: Callable[[list[int]], int], loss_fn: Callable[[list[int]], MicroBatch],
-                max_grad_norm: float, precision, info, tracker, log_every: int) -> tuple[int, dict[str, float]]:
+                max_grad_norm: float, precision, info, tracker, log_every: int,
+                checkpoints: RunCheckpoints | None = None, start_step: int = 0,
+                saved: torch.nn.Module | None = None) -> tuple[int, dict[str, float]]:
     """``total`` optimizer steps; ``model`` as trained (DDP-wrapped when distributed). Returns the last step's
-    metrics. ``units(idx)`` counts a micro-batch's loss units (tokens or pairs) before its forward pass."""
+    metrics. ``units(idx)`` counts a micro-batch's loss units (tokens or pairs) before its forward pass.
+
+    Resumed (``start_step`` > 0, state loaded by :func:`resume_training`), the loop skips the batches of
+    the steps done and goes on from ``start_step + 1``: the same batches, the same updates as without
+    the interruption. With ``checkpoints``, ``saved`` (the unwrapped model), the optimizer, scheduler,
+    grad scaler and RNG states are checkpointed when :meth:`RunCheckpoints.due`.
+    """
     from rlhf.train import distributed as D
 
-    progress = Progress(stage, total, log_every)
+    progress = Progress(stage, total, log_every, start=start_step)
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     model.train()
-    for step in range(1, total + 1):
+    for _ in range(start_step * grad_accum):  # the data order is a seeded stream: replay its position
+        next(batch_iter)
+    for step in range(start_step + 1, total + 1):
         micro = [next(batch_iter) for _ in range(grad_accum)]
         counts = [units(idx) for idx in micro]
         # one collective: the global number of units in this step (and the tokens, for the progress line)
@@ -127,6 +165,11 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, total: int, batc
                 "lr": sched.get_last_lr()[0]}
         rate = progress.step(step, last, tokens=int(tokens))
         tracker.log_metrics({**last, **rate}, step=step)
+        if checkpoints is not None and checkpoints.due(step):
+            checkpoints.write(step, {"model": saved if saved is not None else model},
+                              {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "precision": precision.state_dict()},
+                              {"data_position": step * grad_accum, "total_steps": total})
     last["seconds"] = progress.elapsed
     return total, last
 
@@ -145,8 +188,9 @@ def fmt_duration(seconds: float) -> str:
 class Progress:
     """A line per ``every`` steps: ``[stage] step 20/200 loss=1.234 tok/s=5,120 eta=0:01:10``."""
 
-    def __init__(self, stage: str, total: int, every: int = 10):
+    def __init__(self, stage: str, total: int, every: int = 10, start: int = 0):
         self.stage, self.total, self.every = stage, total, every
+        self.first = start  # the steps done before this process (a resumed run): not in the rate
         self.start = time.perf_counter()
         self.tokens = 0
 
@@ -155,7 +199,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         rate = {"tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
         if step == 1 or step % self.every == 0 or step == self.total:
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(step - self.first, 1) * (self.total - step)
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             log.info("[%s] step %d/%d %s tok/s=%s eta=%s", self.stage, step, self.total, shown,
                      f"{rate['tokens_per_s']:,.0f}", fmt_duration(eta))

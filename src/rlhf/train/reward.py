@@ -40,6 +40,7 @@ from rlhf.train.loop import (
     make_scheduler,
     pad_right,
     rank_batches,
+    resume_training,
     set_seed,
     train_steps,
 )
@@ -155,9 +156,15 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
     with run_ctx as tracker:
         tracker.log_params({"model": model_cfg.model_dump(mode="json")})
         models.disable_dropout(model)
+        inputs = {"dataset": dataset, **({"sft_model": sft_model} if source == sft_model else {})}
+        checkpoints, start = resume_training("reward", out, cfg, model_cfg, inputs, info, total, model, opt, sched,
+                                             precision)
+        if start:
+            tracker.set_tags({"resumed_from_step": start})
         batch_iter = rank_batches(len(enc), cfg.batch_size, info.rank, info.world_size, random.Random(cfg.seed))
         step, last = train_steps("reward", scorer, opt, sched, total, batch_iter, cfg.grad_accum, len, loss_fn,
-                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every)
+                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every,
+                                 checkpoints=checkpoints, start_step=start, saved=model)
         held_out = evaluate_pairs(model, tok, eval_pairs, cfg.max_seq_len, cfg.batch_size)
         gold = evaluate_pairs(model, tok, gold_pairs, cfg.max_seq_len, cfg.batch_size) if gold_pairs else {}
         sft_eval = load_split(dataset, "sft", "eval").head(cfg.eval_max_rows)
@@ -174,7 +181,8 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
             "steps": step,
             "world_size": info.world_size,
             "seconds": last["seconds"],
-            "samples_per_s": step * global_batch / max(last["seconds"], 1e-9),
+            "samples_per_s": (step - start) * global_batch / max(last["seconds"], 1e-9),
+            "resumed_from_step": start,
         }
         if info.is_main:
             tracker.log_metrics(metrics)
@@ -186,6 +194,7 @@ def _train_reward(dataset, sft_model, out, cfg: RewardConfig, model_cfg: ModelCo
                     {"sft_model": sft_model} if sft_model else {})}, config=cfg, metrics=metrics,
                     extra={"model": model_cfg.model_dump(mode="json"), "reward_norm": norm,
                            "max_seq_len": cfg.max_seq_len, "mlflow_run_id": tracker.run_id})
+            checkpoints.remove()
     D.barrier()
     log.info("[reward] held-out accuracy %.3f, gold agreement %.3f, margin %.3f; model in %s",
              metrics["eval_accuracy"], metrics["gold_agreement"], metrics["eval_mean_margin"], out)

@@ -36,6 +36,7 @@ from rlhf.train.loop import (
     make_scheduler,
     pad_right,
     rank_batches,
+    resume_training,
     set_seed,
     train_steps,
 )
@@ -134,10 +135,15 @@ def _train_sft(dataset, out, cfg: SFTConfig, model_cfg: ModelConfig, info: D.Dis
         if info.is_main else contextlib.nullcontext(tracking.Tracker(None))
     with run_ctx as tracker:
         tracker.log_params({"model": model_cfg.model_dump(mode="json")})
-        before = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device, precision)
+        before = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device, precision)  # of the initial model
+        checkpoints, start = resume_training("sft", out, cfg, model_cfg, {"dataset": dataset}, info, total, model,
+                                             opt, sched, precision)
+        if start:
+            tracker.set_tags({"resumed_from_step": start})
         batch_iter = rank_batches(len(train), cfg.batch_size, info.rank, info.world_size, random.Random(cfg.seed))
         step, last = train_steps("sft", trained, opt, sched, total, batch_iter, cfg.grad_accum, units, loss_fn,
-                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every)
+                                 cfg.max_grad_norm, precision, info, tracker, cfg.log_every,
+                                 checkpoints=checkpoints, start_step=start, saved=model)
         after = eval_loss(model, evals, tok.pad_token_id, cfg.batch_size, device, precision)
         metrics = {
             "train_loss": last.get("loss", float("nan")),
@@ -148,7 +154,8 @@ def _train_sft(dataset, out, cfg: SFTConfig, model_cfg: ModelConfig, info: D.Dis
             "train_examples": len(train),
             "world_size": info.world_size,
             "seconds": last["seconds"],
-            "samples_per_s": step * global_batch / max(last["seconds"], 1e-9),
+            "samples_per_s": (step - start) * global_batch / max(last["seconds"], 1e-9),
+            "resumed_from_step": start,
         }
         if info.is_main:
             tracker.log_metrics(metrics)
@@ -157,6 +164,7 @@ def _train_sft(dataset, out, cfg: SFTConfig, model_cfg: ModelConfig, info: D.Dis
                 write_manifest(tmp, kind="policy", inputs={"dataset": dataset}, config=cfg, metrics=metrics,
                                extra={"model": model_cfg.model_dump(mode="json"), "stage": "sft",
                                       "mlflow_run_id": tracker.run_id})
+            checkpoints.remove()
     D.barrier()
     log.info("[sft] eval loss %.3f -> %.3f (perplexity %.2f); policy in %s", before, after,
              metrics["eval_perplexity"], out)
