@@ -143,3 +143,41 @@ def test_overrides_name_known_sections_and_fields():
     with pytest.raises(ConfigError, match="unknown field.*ppo.klcoef"):
         resolve.dotted_overrides(["ppo.klcoef=0.1"])
     assert resolve.dotted_overrides(["register.model_name=x"]) == {"register": {"model_name": "x"}}
+
+
+def test_each_steps_time_is_split_into_start_up_compute_and_overhead(tmp_path, caplog):
+    """The line a step logs (steps.log_timing) is what the console parses and the summary splits."""
+    import logging
+
+    from rlhf.pipeline import steps
+
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        steps.log_timing("sft", 7.94, 31.2, {"seconds": 24.04, "loss": 1.0})
+        steps.log_timing("evaluate", 6.0, 20.0, {"policy_gold_mean": 1.0})
+    produced = [r.getMessage() for r in caplog.records if "time:" in r.getMessage()]
+    assert produced == ["[sft] time: start-up 7.9 s, stage 31.2 s, compute 24.0 s",
+                        "[evaluate] time: start-up 6.0 s, stage 20.0 s"]
+    out = io.StringIO()
+    c = console.Console(tmp_path, out=out)
+    for task, line in zip(("sft", "evaluate"), produced):
+        c.write(f"01:00:00.000 - INFO - Executing task \x1b[96m'{task}'\x1b[0m\n")
+        c.write(f"    [KFP Executor 2026-01-01 01:00:01,000 INFO]: {line}\n")
+        c.write(f"01:00:09.000 - INFO - Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    c.close_logs()
+    assert "time:" not in out.getvalue()  # in the step's log, not on the console
+    assert c.tasks["sft"].times == {"startup": 7.9, "stage": 31.2, "compute": 24.0}
+    times = local.stage_times({"sft": 40.0, "evaluate": 27.0}, {stage: c.tasks[stage].times for stage in c.tasks})
+    assert times["sft"] == {"wall": 40.0, "startup": 7.9, "stage": 31.2, "compute": 24.0, "overhead": 16.0}
+    assert times["evaluate"]["overhead"] == 27.0 and "compute" not in times["evaluate"]
+    r = local.RunResult(status="succeeded", run_dir=tmp_path, seconds=70.0, stage_seconds={"sft": 40.0, "evaluate": 27.0},
+                        stage_times=times)
+    text = local.format_summary(r)
+    assert "steps 67s: compute 24s (training loops), overhead 43s" in text
+    assert "sft 40s (start-up 8s, compute 24s, overhead 16s)" in text
+    assert "evaluate 27s (start-up 6s, overhead 27s)" in text
+
+
+def test_process_age_counts_the_start_up_before_the_stage():
+    code = "import time; time.sleep(0.6); from rlhf import process; print(process.age())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert age >= 0.5

@@ -27,6 +27,18 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + int(signum)
 
 
+def age() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that cannot be read: the start-up
+    share of a step (interpreter, imports) in ``rlhf run``'s timings."""
+    try:
+        fields = open("/proc/self/stat", encoding="ascii").read().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime, in clock ticks
+        with open("/proc/uptime", encoding="ascii") as f:
+            return max(0.0, float(f.read().split()[0]) - start)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _raise(signum, _frame):
     raise Interrupted(signum)
 

@@ -30,7 +30,9 @@ RLHF_LINE = re.compile(r"^(?:\d\d:\d\d:\d\d (INFO|WARNING|ERROR) rlhf|\[KFP Exec
 DONE_LINE = re.compile(r"^\[\w+\] done: ")
 REUSED_LINE = re.compile(r"^\[\w+\] reused ")  # rlhf run --resume: the output of an earlier attempt
 RESUMED_LINE = re.compile(r"^\[\w+\] resuming from \S+ \(step (\d+)/(\d+)\)")
-QUIET_LINE = re.compile(r"^\[\w+\] (checkpoint|saved checkpoint|resum)")
+QUIET_LINE = re.compile(r"^\[\w+\] (checkpoint|saved checkpoint|resum|time: )")
+# a step's own account of its time (rlhf.pipeline.steps.log_timing): start-up, the stage call, its compute
+TIME_LINE = re.compile(r"^\[\w+\] time: start-up (\S+) s, stage (\S+) s(?:, compute (\S+) s)?")
 STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+)\b")
 USER_ERROR = re.compile(r"^(?:rlhf\.errors\.)?(ValidationFailed|DataError|ConfigError|UserError|DiskFull): (.*)$")
 ANY_ERROR = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failed)): (.*)$")
@@ -54,6 +56,7 @@ class TaskState:
     error_type: str = ""
     reused: bool = False  # taken from an earlier attempt (rlhf run --resume)
     resumed_from: int = 0  # the checkpoint step a training step resumed from
+    times: dict[str, float] = field(default_factory=dict)  # start-up / stage / compute seconds (TIME_LINE)
 
 
 @dataclass(eq=False)
@@ -145,6 +148,9 @@ class Console:
                 state.reused = True
             elif r := RESUMED_LINE.match(m.group(3)):
                 state.resumed_from = int(r.group(1))
+            elif r := TIME_LINE.match(m.group(3)):
+                state.times = {k: float(v) for k, v in zip(("startup", "stage", "compute"), r.groups())
+                               if v is not None and v != "?"}
         if self.verbose:
             self.echo("    " + body)
         elif not self.quiet and (m := RLHF_LINE.match(body.strip())):

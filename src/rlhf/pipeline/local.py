@@ -155,6 +155,9 @@ class RunResult:
     tracking_uri: str | None = None
     registration: dict[str, Any] | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # per stage: wall (the step as the runner saw it), startup (process start to the stage call: interpreter,
+    # imports), stage (the call), compute (the training loop, where the stage measures one), overhead (wall - compute)
+    stage_times: dict[str, dict[str, float]] = field(default_factory=dict)
     error: str = ""
     reused: list[str] = field(default_factory=list)  # stages taken from an earlier attempt (--resume)
     resumed: bool = False
@@ -557,6 +560,7 @@ def run_local(*, raw: str | Path = "data/raw", params: str | Path = "params.yaml
         result.seconds = time.perf_counter() - t0
         result.stage_seconds = {stage_of(t): round(s.ended - s.started, 1) for t, s in console.tasks.items()
                                 if s.ended and s.started}
+        result.stage_times = stage_times(result.stage_seconds, {stage_of(t): s.times for t, s in console.tasks.items()})
         result.reused = [stage_of(t) for t, s in console.tasks.items() if s.reused]
         if pipeline_root.exists():
             result.artifacts = _link_outputs(run_dir, pipeline_root)
@@ -576,7 +580,27 @@ def summary_doc(r: RunResult) -> dict[str, Any]:
     return {"status": r.status, "seconds": round(r.seconds, 1), "run_dir": str(r.run_dir), "gate": r.gate,
             "metrics": r.metrics, "artifacts": {k: str(v) for k, v in r.artifacts.items()},
             "mlflow_run_id": r.mlflow_run_id, "tracking_uri": r.tracking_uri, "registration": r.registration,
-            "stage_seconds": r.stage_seconds, "error": r.error, "resumed": r.resumed, "reused": r.reused}
+            "stage_seconds": r.stage_seconds, "stage_times": r.stage_times, "error": r.error, "resumed": r.resumed, "reused": r.reused}
+
+
+def stage_times(walls: dict[str, float], reported: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each stage's wall time split into what the step reported (rlhf.pipeline.steps.log_timing): start-up,
+    the stage call, its compute; ``overhead`` is everything but compute (start-up, model loading, saving,
+    tracking, the runner's own work)."""
+    out = {}
+    for name, wall in walls.items():
+        t = {"wall": wall, **{k: round(v, 1) for k, v in (reported.get(name) or {}).items()}}
+        t["overhead"] = round(wall - t.get("compute", 0.0), 1)
+        out[name] = t
+    return out
+
+
+def _timing(name: str, t: dict[str, float]) -> str:
+    parts = [f"start-up {t['startup']:.0f}s"] if "startup" in t else []
+    if "compute" in t:
+        parts.append(f"compute {t['compute']:.0f}s")
+    parts.append(f"overhead {t['overhead']:.0f}s")
+    return f"{name} {t['wall']:.0f}s ({', '.join(parts)})"
 
 
 def _stage_metric(path: Path | None, *keys: str) -> str:
@@ -630,5 +654,9 @@ def format_summary(r: RunResult) -> str:
     else:
         lines.append("  MLflow    off (RLHF_TRACKING=off)")
     if r.stage_seconds:
-        lines.append("  timings   " + ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_seconds.items()))
+        times = r.stage_times or stage_times(r.stage_seconds, {})
+        total = {k: sum(t.get(k, 0.0) for t in times.values()) for k in ("wall", "compute", "overhead")}
+        lines.append(f"  timings   steps {total['wall']:.0f}s: compute {total['compute']:.0f}s (training loops), "
+                     f"overhead {total['overhead']:.0f}s (start-up and imports, loading, evaluation, saving, tracking)")
+        lines.extend(f"            {_timing(k, t)}" for k, t in times.items())
     return "\n".join(lines)

@@ -21,9 +21,11 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from rlhf import process
 from rlhf.config.resolve import KNOB_NAMES, RunConfig
 from rlhf.errors import ConfigError, UserError
 from rlhf.io import check_output
@@ -71,10 +73,25 @@ def run_stage(name: str, inputs: dict[str, str | Path | None], out: str | Path, 
     if optional.get("champion") == CHAMPION:
         optional["champion"] = fetch_champion(run)
     args = [inputs[i.name] for i in spec.required_inputs]
+    startup, t0 = process.age(), time.perf_counter()
     if name == "register":
-        return register(*args, out, *configs, run=run, run_id=run_id, data_hash=data_hash,
-                        data_revision=data_revision)
-    return _function(spec.func)(*args, out, *configs, **optional)
+        result = register(*args, out, *configs, run=run, run_id=run_id, data_hash=data_hash,
+                          data_revision=data_revision)
+    else:
+        result = _function(spec.func)(*args, out, *configs, **optional)
+    log_timing(name, startup, time.perf_counter() - t0, result)
+    return result
+
+
+def log_timing(name: str, startup: float | None, stage_s: float, metrics: Any) -> None:
+    """One line for ``rlhf run``'s summary (parsed by :mod:`rlhf.pipeline.console`): how long the process took
+    to reach the stage (interpreter, imports), the stage call, and of that the compute the stage measured
+    itself (its training loop's ``seconds``: SFT, reward, PPO)."""
+    compute = metrics.get("seconds") if isinstance(metrics, dict) else None
+    parts = [f"start-up {startup:.1f} s" if startup is not None else "start-up ? s", f"stage {stage_s:.1f} s"]
+    if isinstance(compute, int | float) and math.isfinite(compute):
+        parts.append(f"compute {float(compute):.1f} s")
+    log.info("[%s] time: %s", name, ", ".join(parts))
 
 
 def register(policy: str | Path, reward_model: str | Path, evaluation: str | Path, out: str | Path, cfg,

@@ -27,6 +27,7 @@ from rlhf.config import ModelConfig, PPOConfig
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.train import distributed as D
+from rlhf.train.checkpoint import step_dirs  # the step-NNNNNN folders, newest first
 
 log = logging.getLogger("rlhf")
 
@@ -43,7 +44,7 @@ def staging_root(out: str | Path, cfg: PPOConfig) -> Path:
 
 
 def _staged(root: Path) -> list[tuple[int, Path]]:
-    return sorted(ckpt._step_dirs(root))
+    return sorted(step_dirs(root))
 
 
 class RunSnapshots:

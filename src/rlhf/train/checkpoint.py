@@ -176,7 +176,7 @@ def save(root: str | Path, step: int, *, weights: dict[str, dict[str, torch.Tens
         full = out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:  # the previous checkpoints are untouched: say which one a rerun resumes from
-            previous = next((p for s, p in _step_dirs(root) if s != step and validate(p) is None), None)
+            previous = next((p for s, p in step_dirs(root) if s != step and validate(p) is None), None)
             raise no_space_error(final, what="checkpoint", kept=(
                 f"the previous checkpoint {previous} is intact and the same command resumes from it"
                 if previous is not None else "no checkpoint was kept")) from None
@@ -185,7 +185,7 @@ def save(root: str | Path, step: int, *, weights: dict[str, dict[str, torch.Tens
     return final
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = []
@@ -198,7 +198,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def prune(root: Path, keep: int) -> None:
     """Remove all but the newest ``keep`` checkpoints, and temp dirs left by killed writers."""
-    for _, p in _step_dirs(root)[max(keep, 1):]:
+    for _, p in step_dirs(root)[max(keep, 1):]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".tmp-step-*"):
         pid = p.name.rsplit("-", 1)[-1]
@@ -229,7 +229,7 @@ def validate(path: Path) -> str | None:
 
 def latest(root: str | Path, fingerprint: str, stage: str = "ppo") -> Checkpoint | None:
     """The newest valid checkpoint of this run (same fingerprint) under ``root``, or None."""
-    for step, path in _step_dirs(Path(root)):
+    for step, path in step_dirs(Path(root)):
         problem = validate(path)
         if problem:
             log.warning("[%s] skipping checkpoint %s: %s", stage, path, problem)
@@ -245,7 +245,7 @@ def latest(root: str | Path, fingerprint: str, stage: str = "ppo") -> Checkpoint
 def stale(root: str | Path, fingerprint: str) -> list[Path]:
     """The checkpoints under ``root`` made by another run (other config, inputs or rank count)."""
     found = []
-    for _, path in _step_dirs(Path(root)):
+    for _, path in step_dirs(Path(root)):
         try:
             fp = json.loads((path / STATE).read_text()).get("fingerprint")
         except (OSError, ValueError):
