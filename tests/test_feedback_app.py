@@ -100,7 +100,10 @@ def browser():
 
 def sign_in_with_keyboard(page, url: str, token: str) -> None:
     page.goto(url + "/")
-    page.keyboard.type(token)  # the token field has autofocus
+    # the token field has autofocus; a loaded machine may apply it after the load event: wait for it, so no
+    # keystroke is typed into nothing (the test still fails if autofocus is gone)
+    page.wait_for_function("document.activeElement && document.activeElement.name === 'token'", timeout=15000)
+    page.keyboard.type(token)
     with page.expect_navigation():
         page.keyboard.press("Enter")
 

@@ -36,7 +36,7 @@ def test_rlhf_run_executes_the_whole_dag(local_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["gate"]["passed"] is True
     times = summary["stage_times"]  # each step's own start-up / compute account reached the summary
-    assert set(times) == set(STAGES) and all(t["startup"] > 0 for t in times.values()), times
+    assert set(times) >= set(STAGES) and all(times[s]["startup"] > 0 for s in STAGES), times
     assert 0 < times["sft"]["compute"] < times["sft"]["wall"] and "compute" not in times["validate"]
     assert re.search(r"^ +sft \d+s \(start-up \d+s, compute \d+s, overhead \d+s\)$", out, re.M), out[-2000:]
     for link, kind in (("dataset", "dataset"), ("sft", "policy"), ("reward", "reward-model"), ("ppo", "policy"),
