@@ -70,7 +70,21 @@ class ModelConfig(StageConfig):
     seed: int = 0
 
 
-class TrainConfig(StageConfig):
+class CheckpointSettings(StageConfig):
+    """Checkpoints and resume of a training stage (SFT, reward, PPO: rlhf.train.checkpoint; docs/ppo.md
+    "Checkpoints"). None of these change a result: they are RUN_ONLY_FIELDS."""
+
+    checkpoint_every: int = Field(20, ge=0, description="checkpoint every N optimizer steps (0: never)")
+    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
+    replace_stale_checkpoints: bool = Field(
+        False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
+                           "checkpoint directory; false: stop with an error and keep them")
+
+
+class TrainConfig(CheckpointSettings):
     """Optimisation settings shared by the supervised stages (sft, reward)."""
 
     epochs: float = Field(1.0, gt=0)
@@ -85,15 +99,6 @@ class TrainConfig(StageConfig):
     eval_max_rows: int = Field(256, ge=1, description="eval rows used for held-out metrics")
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    # checkpoints and resume, as in PPO (rlhf.train.checkpoint; docs/ppo.md "Checkpoints")
-    checkpoint_every: int = Field(20, ge=0, description="checkpoint every N optimizer steps (0: never)")
-    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
-    keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
-    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
-    replace_stale_checkpoints: bool = Field(
-        False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
-                           "checkpoint directory; false: stop with an error and keep them")
 
 
 class SFTConfig(TrainConfig):
@@ -130,7 +135,7 @@ class EvaluateConfig(StageConfig):
                                           "accuracy must reach this before anything can pass; null: no check")
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(CheckpointSettings):
     """PPO on the policy against the reward model (the choices and their reasons: docs/ppo.md).
 
     Batch arithmetic (docs/ppo.md #24), per rank: ``rollout_batch_size`` prompts per step, split into
@@ -199,13 +204,6 @@ class PPOConfig(StageConfig):
         "(critic: separate)")
     merge_lora: bool = Field(True, description="save the policy merged (plain HF model) when LoRA is on")
     checkpoint_every: int = Field(10, ge=0, description="checkpoint every N steps (0: never)")
-    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default <out>.checkpoints)")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
-    keep_checkpoints_on_success: bool = Field(False, description="keep them after the final artifact is written")
-    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same run")
-    replace_stale_checkpoints: bool = Field(
-        False, description="delete checkpoints of another run (changed config, inputs or GPU count) found in the "
-                           "checkpoint directory; false: stop with an error and keep them")
     log_every: int = Field(1, ge=1, description="progress line every N steps")
     snapshot_every: int = Field(12, ge=0, description="keep the policy's weights every N steps in <out>/snapshots "
                                 "for evaluate's gold/reward-vs-KL curve (0: none; the output is the last point)")

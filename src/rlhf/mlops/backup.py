@@ -492,17 +492,23 @@ def _pg_dump(backend: Backend, out: Path, *, pg_bin, timeout: float, attempts: i
     return {k: (v if before.get(k) == after.get(k) else None) for k, v in after.items()}
 
 
-def _sqlite_copy(src_path: Path, dst_path: Path) -> dict[str, Any]:
-    """A consistent copy of a live SQLite database (its online backup API); the copy's summary."""
+def _sqlite_backup(src_path: Path, dst_path: Path, failure: str) -> None:
+    """Copy SQLite database ``src_path`` into ``dst_path`` with SQLite's online backup API (consistent while
+    the source is in use); ``failure`` starts the one-line error."""
     src = sqlite3.connect(f"file:{src_path}?mode=ro", uri=True, timeout=CONNECT_TIMEOUT_S)
-    dst = sqlite3.connect(dst_path)
+    dst = sqlite3.connect(dst_path, timeout=CONNECT_TIMEOUT_S)
     try:
         src.backup(dst)
     except sqlite3.DatabaseError as e:
-        raise UserError(f"cannot back up the SQLite store {src_path}: {e}") from None
+        raise UserError(f"{failure}: {e}") from None
     finally:
         dst.close()
         src.close()
+
+
+def _sqlite_copy(src_path: Path, dst_path: Path) -> dict[str, Any]:
+    """A consistent copy of a live SQLite database (its online backup API); the copy's summary."""
+    _sqlite_backup(src_path, dst_path, f"cannot back up the SQLite store {src_path}")
     return store_summary(Backend("sqlite", f"sqlite:///{dst_path}", path=dst_path))
 
 
@@ -606,15 +612,7 @@ def restore(src: str | Path, backend_uri: str | None = None, artifact_uri: str |
                                str(src / b["file"])], backend, pg_bin=pg_bin, timeout=timeout)
     else:
         backend.path.parent.mkdir(parents=True, exist_ok=True)
-        bsrc = sqlite3.connect(f"file:{src / b['file']}?mode=ro", uri=True)
-        dst = sqlite3.connect(backend.path, timeout=CONNECT_TIMEOUT_S)
-        try:
-            bsrc.backup(dst)
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"cannot restore into the SQLite store {backend.path}: {e}") from None
-        finally:
-            dst.close()
-            bsrc.close()
+        _sqlite_backup(src / b["file"], backend.path, f"cannot restore into the SQLite store {backend.path}")
     prefix = manifest["artifacts"]["dir"] + "/"
     files = [k[len(prefix):] for k in manifest["files"] if k.startswith(prefix)]
     try:
