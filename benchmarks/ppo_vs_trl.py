@@ -1,23 +1,35 @@
-"""Our PPO vs TRL's last PPO trainer (trl==1.12.0, ``trl.experimental.ppo``) vs TRL 1.16's RLOOTrainer.
+"""Our PPO trainer, in each of its configurations, vs TRL's last PPO trainer and TRL's RLOO and GRPO.
 
-Identical settings: the same SFT policy (model + tokenizer), reward model and training prompts;
-32 episodes per step, 16-token responses, temperature 0.7, 4 PPO epochs, 1 minibatch, beta 0.05
-(k1), clip 0.2, value clip 0.2, vf coef 0.1, gamma 1, lambda 0.95, missing-EOS penalty 1, constant
-learning rate, Adam eps 1e-5, raw (unnormalised) reward-model scores. RLOO needs >= 2 samples per
-prompt, so it gets 16 prompts x 2 samples = the same 32 episodes per step, and ``num_iterations=4``.
+Trainers: ours (``critic: separate``, the default), ours_shared (``critic: shared``), ours_onebase
+(``critic: adapter`` + ``reward: adapter``: one base model; LoRA only), ours_rloo / ours_grpo
+(``estimator: rloo|grpo``, k = 2); trl_ppo (``trl==1.12.0``, ``trl.experimental.ppo``, the last
+release with PPO, in a virtualenv the script creates: ``torch==2.13.0`` first), trl_rloo / trl_grpo
+(TRL 1.16's ``RLOOTrainer`` / ``GRPOTrainer``, this project's virtualenv, ``pip install -e ".[bench]"``).
 
-Each trainer runs in its own process, one after the other (same threads, caches start cold):
-ours and RLOO with this project's virtualenv, TRL-PPO with a virtualenv the script creates
-(``torch==2.13.0`` first, then ``trl==1.12.0``; TRL removed PPO in 1.13). Reported per trainer:
-episodes/s over the training loop (model loading and the final save excluded), the process's peak
-RSS, and -- evaluated identically afterwards by this script -- mean gold score, reward-model score
-and KL(policy || SFT) on held-out prompts (same seeds, same 16-token budget).
+Identical settings: the same SFT policy (model + tokenizer), reward model (read at EOS, EOS appended)
+and training prompts; ``--episodes`` responses per step (the critic-free ones: episodes / 2 prompts x
+2 samples), ``--response-length`` new tokens, temperature 0.7, 4 PPO epochs of ``--minibatches``
+optimizer steps each, beta 0.05 (k1 in the reward; TRL's GRPO puts its KL in the loss), clip 0.2,
+value clip 0.2, vf coef 0.1, gamma 1, lambda 0.95, missing-EOS penalty 1 (PPOs), constant learning
+rate, Adam eps 1e-5, raw (unnormalised) reward-model scores, LoRA r 16 / alpha 32 on all linear
+layers at the smollm2 size. Everything else is each trainer's own default (TRL GRPO's loss type and
+reward scaling included).
+
+Each trainer runs in its own process, one after the other, seeds in the outer loop (same threads,
+caches start cold). Reported per trainer: episodes/s over the training loop (model loading and the
+final save excluded), the process's peak RSS (VmHWM) and that minus a process that only imports torch +
+transformers, and -- evaluated identically afterwards by this script -- mean gold score, reward-model
+score and KL(policy || SFT) on held-out prompts (same sampling seeds, the training response budget).
+The machine's matmul limit is measured in the same run (a 1024 x 1024 fp32 torch matmul, at the start
+and the end), and each trainer's useful GFLOP/s (``useful_flops_per_episode`` x episodes/s, the same
+count for every trainer) is reported as a fraction of it.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--size tiny|smollm2] [--steps 20] [--sft DIR --reward DIR]
 
 The tiny size builds (and caches in --work) the tiny SFT policy and reward model with the tiny
 profile's recipe unless --sft/--reward are given; smollm2 uses SmolLM2-135M-Instruct with LoRA
-(r 16) for all three trainers and needs --sft/--reward (made with the base params.yaml sections).
+(r 16) for every trainer and needs --sft/--reward (made with the base params.yaml sections, the
+reward model with ``reward.save_adapter: true`` for ours_onebase).
 """
 
 from __future__ import annotations
@@ -49,12 +61,25 @@ S = {"episodes_per_step": 32, "response_length": 16, "temperature": 0.7, "ppo_ep
 # ----------------------------------------------------------------------------- workers (one process each)
 
 
+# our trainer's configurations (PPOConfig fields on top of the common settings); k = 2 for the critic-free ones
+OURS = {
+    "ours": {},  # critic: separate (the InstructGPT recipe: the critic is a second model, from the reward model)
+    "ours_shared": {"critic": "shared"},  # a value head on the policy's last hidden state: one forward/backward
+    "ours_onebase": {"critic": "adapter", "reward": "adapter"},  # LoRA only: policy, critic, RM, ref on one base
+    "ours_rloo": {"estimator": "rloo", "num_samples_per_prompt": 2},
+    "ours_grpo": {"estimator": "grpo", "num_samples_per_prompt": 2},
+}
+
+
 def worker_ours(cfg: dict) -> dict:
     from rlhf.config import ModelConfig, PPOConfig
     from rlhf.ppo import train_ppo
 
+    variant = OURS[cfg["trainer"]]
+    k = variant.get("num_samples_per_prompt", 1)
     mc = ModelConfig(name="tiny", device="cpu", lora=cfg["lora"], lora_r=16, lora_alpha=32)
-    pc = PPOConfig(total_steps=cfg["steps"], rollout_batch_size=S["episodes_per_step"], ppo_epochs=S["ppo_epochs"],
+    pc = PPOConfig(total_steps=cfg["steps"], rollout_batch_size=S["episodes_per_step"] // k, **variant,
+                   micro_batch_size=cfg.get("micro_batch"), ppo_epochs=S["ppo_epochs"],
                    num_minibatches=S["minibatches"], max_new_tokens=S["response_length"],
                    temperature=S["temperature"], lr=cfg["lr"], lr_schedule="constant", adam_eps=S["adam_eps"],
                    max_grad_norm=S["max_grad_norm"], clip_eps=S["cliprange"], vf_clip_eps=S["cliprange_value"],
@@ -63,6 +88,22 @@ def worker_ours(cfg: dict) -> dict:
                    max_prompt_len=128, seed=cfg["seed"], log_every=5)
     m = train_ppo(cfg["dataset"], cfg["sft"], cfg["reward"], cfg["out"], pc, mc)
     return {"train_seconds": m["seconds"], "episodes": m["episodes"]}
+
+
+def _trl_reward_fn(cfg: dict, tok):
+    """TRL's reward function for RLOO/GRPO: our reward model read at EOS (EOS appended), as in our PPO."""
+    from rlhf.config import ModelConfig
+    from rlhf.train import models
+    from rlhf.train.reward import score_texts
+
+    raw_of = dict(zip(_chat_prompts(tok, cfg["prompts"]), cfg["prompts"]))
+    rm, rm_tok = models.load_reward_model(cfg["reward"], ModelConfig(name="tiny", device="cpu"), for_training=False)
+
+    def reward(prompts, completions, **kw):
+        return score_texts(rm, rm_tok, [raw_of[p] for p in prompts], [c.strip() for c in completions],
+                           256).tolist()
+
+    return reward
 
 
 def _chat_prompts(tok, prompts: list[str]) -> list[str]:
@@ -115,26 +156,18 @@ def worker_trl_ppo(cfg: dict) -> dict:
     return {"train_seconds": seconds, "episodes": cfg["steps"] * S["episodes_per_step"]}
 
 
-def worker_rloo(cfg: dict) -> dict:
+def worker_trl_group(cfg: dict) -> dict:
+    """TRL 1.16's RLOOTrainer or GRPOTrainer (``cfg["trainer"]`` trl_rloo / trl_grpo): k = 2 samples per prompt."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from rlhf.config import ModelConfig
-    from rlhf.train import models
-    from rlhf.train.reward import score_texts
-
+    grpo = cfg["trainer"] == "trl_grpo"
     torch.manual_seed(cfg["seed"])
     tok = AutoTokenizer.from_pretrained(cfg["sft"], padding_side="left")
     rendered = _chat_prompts(tok, cfg["prompts"])
-    raw_of = dict(zip(rendered, cfg["prompts"]))
-    rm, rm_tok = models.load_reward_model(cfg["reward"], ModelConfig(name="tiny", device="cpu"), for_training=False)
-
-    def reward(prompts, completions, **kw):  # the same RM read at EOS as in our PPO (EOS appended)
-        return score_texts(rm, rm_tok, [raw_of[p] for p in prompts], [c.strip() for c in completions],
-                           256).tolist()
-
+    reward = _trl_reward_fn(cfg, tok)
     policy = AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
     peft_config = None
     if cfg["lora"]:
@@ -143,16 +176,19 @@ def worker_rloo(cfg: dict) -> dict:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
                                  target_modules="all-linear")
     rounds = cfg["steps"]
-    args = RLOOConfig(
-        output_dir=cfg["out"] + ".trl", per_device_train_batch_size=S["episodes_per_step"], num_generations=2,
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if grpo else (RLOOConfig, RLOOTrainer)
+    mb = S["minibatches"]  # one generation batch of episodes_per_step, mb optimizer steps per pass over it
+    args = Config(
+        output_dir=cfg["out"] + ".trl", per_device_train_batch_size=S["episodes_per_step"] // mb,
+        steps_per_generation=mb, num_generations=2,
         max_completion_length=S["response_length"], temperature=S["temperature"], top_k=0, top_p=1.0,
         beta=S["kl_coef"], num_iterations=S["ppo_epochs"], epsilon=S["cliprange"], learning_rate=cfg["lr"],
         lr_scheduler_type="constant", adam_epsilon=S["adam_eps"], max_grad_norm=S["max_grad_norm"],
-        max_steps=rounds * S["ppo_epochs"], logging_steps=5, report_to=[], save_strategy="no", seed=cfg["seed"],
-        use_cpu=True, bf16=False, disable_dropout=True, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = RLOOTrainer(model=policy, reward_funcs=[reward], args=args,
-                          train_dataset=Dataset.from_dict({"prompt": rendered}), processing_class=tok,
-                          peft_config=peft_config)
+        max_steps=rounds * S["ppo_epochs"] * mb, logging_steps=5, report_to=[], save_strategy="no",
+        seed=cfg["seed"], use_cpu=True, bf16=False, disable_dropout=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=policy, reward_funcs=[reward], args=args,
+                      train_dataset=Dataset.from_dict({"prompt": rendered}), processing_class=tok,
+                      peft_config=peft_config)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -164,7 +200,9 @@ def worker_rloo(cfg: dict) -> dict:
     return {"train_seconds": seconds, "episodes": rounds * S["episodes_per_step"]}
 
 
-WORKERS = {"ours": worker_ours, "trl_ppo": worker_trl_ppo, "rloo": worker_rloo}
+WORKERS = {**{n: worker_ours for n in OURS}, "trl_ppo": worker_trl_ppo, "trl_rloo": worker_trl_group,
+           "trl_grpo": worker_trl_group}
+PEERS = ("trl_ppo", "trl_rloo", "trl_grpo")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -223,7 +261,7 @@ def import_baseline_rss(python: str) -> float:
 
 
 def evaluate_policy(path: str | Path, sft: str | Path, reward: str | Path, prompts: list[str], seed: int = 1234):
-    """Gold, RM score and KL(policy || SFT) on ``prompts``: 16-token budget, temperature 0.7, fixed seeds."""
+    """Gold, RM score and KL(policy || SFT) on ``prompts``: the training budget and temperature, fixed seeds."""
     import torch
 
     from rlhf.config import ModelConfig
@@ -277,12 +315,55 @@ def prepare_inputs(args) -> tuple[Path, Path, Path]:
     return ds, sft, rm
 
 
+def matmul_gflops(n: int = 1024, seconds: float = 3.0) -> float:
+    """The fp32 GFLOP/s a large torch matmul reaches here (this process's threads): the machine's matmul limit."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def useful_flops_per_episode(sft: Path, prompts: list[str], lora: bool) -> dict:
+    """The work one episode needs, counted the same for every trainer (an estimate, in FLOPs).
+
+    P = the weights every token goes through (all linear layers, the LM head included; attention's
+    score/value products are small at these lengths and left out), T = mean prompt tokens + the
+    response budget. Rollout: generation 2 P T; scoring: the rollout policy's, the reference's and the
+    reward model's forwards 3 x 2 P T; update: ppo_epochs x a forward and backward of the policy, 4 P T with
+    LoRA (the backward computes activation gradients only) or 6 P T fully fine-tuned. A critic's work is
+    not counted as useful: it is what the shared head and the critic-free estimators remove.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(sft)
+    p = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    prompt_tokens = sum(min(len(tok(t, add_special_tokens=False).input_ids), 128)
+                        for t in _chat_prompts(tok, prompts[:256])) / min(len(prompts), 256)
+    t = prompt_tokens + S["response_length"]
+    update = S["ppo_epochs"] * (4 if lora else 6) * p * t
+    return {"params_in_matmuls": p, "mean_prompt_tokens": prompt_tokens,
+            "flops": 2 * p * t + 3 * 2 * p * t + update}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=sorted(WORKERS))
     ap.add_argument("--config")
     ap.add_argument("--size", choices=["tiny", "smollm2"], default="tiny")
-    ap.add_argument("--steps", type=int, default=20, help="PPO steps (x 32 episodes) per trainer")
+    ap.add_argument("--steps", type=int, default=20, help="PPO steps (x --episodes) per trainer")
+    ap.add_argument("--episodes", type=int, default=S["episodes_per_step"], help="episodes (responses) per step")
+    ap.add_argument("--minibatches", type=int, default=S["minibatches"], help="optimizer steps per PPO epoch")
+    ap.add_argument("--response-length", type=int, default=S["response_length"], help="response budget, tokens")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="ours: rows per forward/backward (the same update at a lower peak memory)")
     ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 tiny, 5e-5 smollm2 (LoRA)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "rlhf" / "bench-ppo"))
     ap.add_argument("--dataset")
@@ -290,22 +371,28 @@ def main() -> None:
     ap.add_argument("--reward")
     ap.add_argument("--trl-venv", default=str(Path.home() / ".cache" / "rlhf" / f"venv-trl-{TRL_PPO_VERSION}"))
     ap.add_argument("--only", nargs="*", choices=sorted(WORKERS), help="run only these trainers")
+    ap.add_argument("--first-seed-only", nargs="*", default=[], choices=sorted(WORKERS),
+                    help="trainers that run with the first seed only (to fit a time budget)")
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per trainer and seed")
+    ap.add_argument("--report", help="print the table of this results file (of a finished or stopped run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"))
     args = ap.parse_args()
 
+    if args.report:  # print the table of an earlier (or a partial) run
+        print_report(json.loads(Path(args.report).read_text()))
+        return
     if args.worker:  # inside a worker process
         cfg = json.loads(Path(args.config).read_text())
+        S.update(cfg["settings"])
         result = WORKERS[args.worker](cfg)
         result["peak_rss_mb"] = peak_rss_mb()
         Path(cfg["result"]).write_text(json.dumps(result))
         return
 
-    import pandas as pd
-
     from rlhf.data.prepare import load_split
 
+    S.update(episodes_per_step=args.episodes, response_length=args.response_length, minibatches=args.minibatches)
     ds, sft, rm = prepare_inputs(args)
     work = Path(args.work) / f"run-{args.size}"
     work.mkdir(parents=True, exist_ok=True)
@@ -313,8 +400,10 @@ def main() -> None:
     lr = args.lr or (5e-5 if lora else 3e-4)
     train_prompts = load_split(ds, "prompts", "train")["prompt"].tolist()
     eval_prompts = load_split(ds, "prompts", "eval")["prompt"].tolist()[: args.eval_prompts]
-    pythons = {"ours": sys.executable, "rloo": sys.executable}
-    names = args.only or ["ours", "trl_ppo", "rloo"]
+    names = args.only or [*OURS, *PEERS]
+    if not lora:
+        names = [n for n in names if n != "ours_onebase"]  # adapters need LoRA
+    pythons = {n: sys.executable for n in names}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     errors: dict[str, dict] = {}
     if "trl_ppo" in names:
@@ -323,62 +412,102 @@ def main() -> None:
         except (subprocess.CalledProcessError, OSError) as e:
             errors["trl_ppo"] = {"error": f"could not create the trl=={TRL_PPO_VERSION} virtualenv: {e}"}
     baselines = {n: import_baseline_rss(pythons[n]) for n in names if n not in errors}
-    for seed in args.seeds:  # seeds in the outer loop: a change of machine load hits every trainer alike
+    gflops_start = matmul_gflops()
+    work_per_episode = useful_flops_per_episode(sft, train_prompts, lora)
+    print(f"[bench] matmul limit {gflops_start:.1f} GFLOP/s; useful work {work_per_episode['flops'] / 1e9:.1f} "
+          f"GFLOP per episode", flush=True)
+    sft_eval = evaluate_policy(sft, sft, rm, eval_prompts)
+    report = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "lr": lr, "settings": S,
+              "micro_batch": args.micro_batch, "sft": str(sft), "reward": str(rm),
+              "import_baseline_rss_mb": baselines, "matmul_gflops": {"start": gflops_start, "end": None},
+              "useful_work_per_episode": work_per_episode, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+              "cpus": os.cpu_count(), "sft_eval": sft_eval, "runs": runs, "errors": errors, "finished": False}
+
+    def write() -> None:  # after every run: a benchmark stopped part-way keeps what it measured
+        report["load_average_end"] = os.getloadavg()
+        report["summary"] = summarize(report)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    for i, seed in enumerate(args.seeds):  # seeds outside: a change of machine load hits every trainer alike
         for name in names:
-            if name in errors:
+            if name in errors or (i and name in args.first_seed_only):
                 continue
             out = work / f"{name}-seed{seed}"
-            cfg = {"dataset": str(ds), "sft": str(sft), "reward": str(rm), "out": str(out), "steps": args.steps,
-                   "lr": lr, "lora": lora, "seed": seed, "prompts": train_prompts,
+            cfg = {"trainer": name, "dataset": str(ds), "sft": str(sft), "reward": str(rm), "out": str(out),
+                   "steps": args.steps, "lr": lr, "lora": lora, "seed": seed, "prompts": train_prompts,
+                   "micro_batch": args.micro_batch, "settings": S,
                    "result": str(work / f"{name}-seed{seed}.result.json")}
             print(f"[bench] {name} seed {seed}: {args.steps} steps x {S['episodes_per_step']} episodes ...",
                   flush=True)
             r = run_worker(pythons[name], name, cfg, work / f"{name}-seed{seed}.log")
             if "error" in r:
                 errors[name] = r
+                print(f"[bench] {name} seed {seed}: {r['error']}", flush=True)
                 continue
             r["seed"] = seed
             r["rss_above_imports_mb"] = r["peak_rss_mb"] - baselines[name]
+            r["useful_gflops"] = r["episodes_per_s"] * work_per_episode["flops"] / 1e9
             r.update(evaluate_policy(out, sft, rm, eval_prompts))
             runs[name].append(r)
             print(f"[bench] {name} seed {seed}: {json.dumps(r)}", flush=True)
-    sft_eval = evaluate_policy(sft, sft, rm, eval_prompts)
+            write()
+    report["matmul_gflops"]["end"] = matmul_gflops()
+    report["finished"] = True
+    write()
+    print_report(report)
+    print(f"written {args.out}")
+
+
+def summarize(report: dict) -> dict:
+    """Mean ± std per trainer over its seeds; the best of ours against each peer."""
+    limit = max(v for v in report["matmul_gflops"].values() if v)
 
     def agg(rs: list[dict], key: str) -> tuple[float, float]:
         xs = [r[key] for r in rs]
         m = sum(xs) / len(xs)
         return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
-    keys = ("episodes_per_s", "peak_rss_mb", "rss_above_imports_mb", "gold", "rm_score", "kl", "eos_rate")
-    summary = {n: {k: agg(rs, k) for k in keys} for n, rs in runs.items() if rs}
-    if "ours" in summary:
-        for n in summary:
-            if n != "ours":
-                summary[n]["ours_speedup"] = summary["ours"]["episodes_per_s"][0] / summary[n]["episodes_per_s"][0]
-                summary[n]["ours_rss_ratio"] = summary["ours"]["peak_rss_mb"][0] / summary[n]["peak_rss_mb"][0]
-    report = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "lr": lr, "settings": S,
-              "sft": str(sft), "reward": str(rm), "import_baseline_rss_mb": baselines,
-              "load_average_end": os.getloadavg(), "cpus": os.cpu_count(), "sft_eval": sft_eval,
-              "summary": summary, "runs": runs, "errors": errors}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    keys = ("episodes_per_s", "peak_rss_mb", "rss_above_imports_mb", "gold", "rm_score", "kl", "eos_rate",
+            "useful_gflops")
+    summary = {n: {k: agg(rs, k) for k in keys} | {"seeds": len(rs)} for n, rs in report["runs"].items() if rs}
+    for m in summary.values():
+        m["matmul_fraction"] = m["useful_gflops"][0] / limit
+    ours = [n for n in summary if n in OURS]
+    best = max(ours, key=lambda n: summary[n]["episodes_per_s"][0]) if ours else None
+    for n in summary:
+        if best and n in PEERS:
+            summary[n]["best_ours"] = best
+            summary[n]["ours_speedup"] = summary[best]["episodes_per_s"][0] / summary[n]["episodes_per_s"][0]
+            summary[n]["ours_rss_ratio"] = summary[best]["peak_rss_mb"][0] / summary[n]["peak_rss_mb"][0]
+            summary[n]["speedup_by_config"] = {o: summary[o]["episodes_per_s"][0] / summary[n]["episodes_per_s"][0]
+                                               for o in ours}
+    return summary
+
+
+def print_report(report: dict) -> None:
+    import pandas as pd
 
     def pm(v: tuple[float, float], f: str = ".2f") -> str:
-        return f"{v[0]:{f}} ± {v[1]:{f}}" if len(args.seeds) > 1 else f"{v[0]:{f}}"
+        return f"{v[0]:{f}} ± {v[1]:{f}}" if v[1] else f"{v[0]:{f}}"
 
-    rows = [{"trainer": n, "episodes/s": pm(m["episodes_per_s"]), "peak RSS MB": pm(m["peak_rss_mb"], ".0f"),
-             "above imports MB": pm(m["rss_above_imports_mb"], ".0f"), "gold": pm(m["gold"]),
-             "RM score": pm(m["rm_score"]), "KL": pm(m["kl"]), "EOS rate": pm(m["eos_rate"]),
-             "ours speed-up": f"{m['ours_speedup']:.2f}x" if "ours_speedup" in m else "",
-             "ours/peer RSS": f"{m['ours_rss_ratio']:.2f}" if "ours_rss_ratio" in m else ""}
+    summary, sft_eval = report["summary"], report["sft_eval"]
+    rows = [{"trainer": n, "seeds": str(m["seeds"]), "episodes/s": pm(m["episodes_per_s"], ".3f"),
+             "peak RSS MB": pm(m["peak_rss_mb"], ".0f"), "above imports MB": pm(m["rss_above_imports_mb"], ".0f"),
+             "gold": pm(m["gold"]), "RM score": pm(m["rm_score"]), "KL": pm(m["kl"]), "EOS rate": pm(m["eos_rate"]),
+             "of matmul limit": f"{m['matmul_fraction']:.0%}",
+             "best ours speed-up": f"{m['ours_speedup']:.2f}x" if "ours_speedup" in m else "",
+             "best ours/peer RSS": f"{m['ours_rss_ratio']:.2f}" if "ours_rss_ratio" in m else ""}
             for n, m in summary.items()]
     rows.append({"trainer": "sft (start)", "gold": f"{sft_eval['gold']:.2f}", "RM score": f"{sft_eval['rm_score']:.2f}",
                  "KL": "0", "EOS rate": f"{sft_eval['eos_rate']:.2f}"})
-    print(pd.DataFrame(rows).fillna("").to_string(index=False))
-    for n, e in errors.items():
+    print(pd.DataFrame(rows).astype(object).fillna("").to_string(index=False))
+    g = report["matmul_gflops"]
+    best = next((m["best_ours"] for m in summary.values() if "best_ours" in m), None)
+    print(f"matmul limit: {g['start']:.1f} GFLOP/s at the start, {g['end'] or 0:.1f} at the end; best of ours: {best}"
+          f"{'' if report.get('finished') else ' (the run did not finish: partial)'}")
+    for n, e in report["errors"].items():
         print(f"{n}: {e.get('error')}\n{e.get('log_tail', '')}")
-    print(f"written {args.out}")
-
 
 if __name__ == "__main__":
     main()
