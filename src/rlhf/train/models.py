@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -422,20 +423,39 @@ def encode_prompt(tokenizer, prompt: str | list) -> list[int]:
     cannot open a turn of its own (template injection).
     """
     msgs = conversation.as_messages(prompt)
-    rendered = chat_prompt(tokenizer, [{"role": m["role"], "content": _mark(i)} for i, m in enumerate(msgs)])
-    pieces, rest = [], rendered
-    for i in range(len(msgs)):
-        if rendered.count(_mark(i)) != 1 or _mark(i) not in rest:  # a template that alters or drops a turn's
-            # content, or reorders turns: keep all text out of it
-            return encode_text(tokenizer, chat_prompt(tokenizer, msgs))
-        before, rest = rest.split(_mark(i))
-        pieces.append(before)
+    skeleton = _template_skeleton(tokenizer, tuple(m["role"] for m in msgs))
+    if skeleton is None:  # a template that alters or drops a turn's content, or reorders turns: keep all text
+        return encode_text(tokenizer, chat_prompt(tokenizer, msgs))  # out of it
+    pieces, rest = skeleton
     ids: list[int] = []
     for before, m in zip(pieces, msgs, strict=True):
-        if before:
-            ids += tokenizer(before, add_special_tokens=False).input_ids
+        ids += before
         ids += encode_text(tokenizer, m["content"])
-    return ids + (tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
+    return ids + rest
+
+
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _template_skeleton(tokenizer, roles: tuple[str, ...]) -> tuple[list[list[int]], list[int]] | None:
+    """The template's text around each turn's content for this sequence of roles, as ids: (the ids before
+    each turn's content, the ids after the last), or None when the template does not keep each content
+    once and in order. It depends on the roles only (the contents are markers), so it is rendered and
+    tokenised once per tokenizer, template and role sequence (a stage encodes thousands of prompts)."""
+    cache = _SKELETONS.setdefault(tokenizer, {})
+    key = (getattr(tokenizer, "chat_template", None), roles)
+    if key not in cache:
+        rendered = chat_prompt(tokenizer, [{"role": r, "content": _mark(i)} for i, r in enumerate(roles)])
+        pieces, rest = [], rendered
+        for i in range(len(roles)):
+            if rendered.count(_mark(i)) != 1 or _mark(i) not in rest:
+                cache[key] = None
+                return None
+            before, rest = rest.split(_mark(i))
+            pieces.append(before)
+        cache[key] = ([tokenizer(b, add_special_tokens=False).input_ids if b else [] for b in pieces],
+                      tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------- model loading
