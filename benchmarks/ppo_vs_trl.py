@@ -106,6 +106,15 @@ def _trl_reward_fn(cfg: dict, tok):
     return reward
 
 
+def _lora_config(cfg: dict):
+    """The LoRA of every TRL trainer at the smollm2 size (r 16, alpha 32, all linear layers), as ours; None: full."""
+    if not cfg["lora"]:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
 def _chat_prompts(tok, prompts: list[str]) -> list[str]:
     return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts]
@@ -126,12 +135,7 @@ def worker_trl_ppo(cfg: dict) -> dict:
     ref = None if cfg["lora"] else AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
     rm = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=torch.float32)
-    peft_config = None
-    if cfg["lora"]:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules="all-linear")
+    peft_config = _lora_config(cfg)
     args = PPOConfig(
         output_dir=cfg["out"] + ".trl", per_device_train_batch_size=S["episodes_per_step"],
         gradient_accumulation_steps=1, num_mini_batches=S["minibatches"], num_ppo_epochs=S["ppo_epochs"],
@@ -169,12 +173,7 @@ def worker_trl_group(cfg: dict) -> dict:
     rendered = _chat_prompts(tok, cfg["prompts"])
     reward = _trl_reward_fn(cfg, tok)
     policy = AutoModelForCausalLM.from_pretrained(cfg["sft"], dtype=torch.float32)
-    peft_config = None
-    if cfg["lora"]:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules="all-linear")
+    peft_config = _lora_config(cfg)
     rounds = cfg["steps"]
     Config, Trainer = (GRPOConfig, GRPOTrainer) if grpo else (RLOOConfig, RLOOTrainer)
     mb = S["minibatches"]  # one generation batch of episodes_per_step, mb optimizer steps per pass over it
