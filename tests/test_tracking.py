@@ -280,6 +280,30 @@ def test_metrics_are_buffered_during_an_outage_and_resent(mlflow_sqlite, trackin
     assert "stores metrics again" in caplog.text
 
 
+def test_a_step_per_call_goes_out_in_a_few_rounds_and_every_value_is_stored(mlflow_sqlite):
+    """A training loop logs every step; MLflow gets a round of requests at most every SEND_SECONDS (the first at
+    once), and closing the run sends the rest: every step's value once, in order."""
+    client = mlflow_sqlite
+    with tracking.stage_run("sft") as t:
+        rounds = []
+        real = t.client.log_batch
+
+        def counted(*args, **kwargs):
+            rounds.append(len(kwargs.get("metrics") or []))
+            return real(*args, **kwargs)
+
+        t.client.log_batch = counted
+        t0 = time.monotonic()
+        for step in range(1, 201):
+            t.log_metrics({"loss": 1.0 / step}, step=step)
+        calls = len(rounds)
+        run_id = t.run_id
+    assert rounds[0] == 1  # the first value goes out at once
+    assert calls <= 2 + (time.monotonic() - t0) / tracking.SEND_SECONDS, rounds
+    assert len(rounds) < 20 and sum(rounds) == 200, rounds
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 201))
+
+
 def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, tracking_db, tmp_path, caplog):
     client = mlflow_sqlite
     with tracking.stage_run("sft") as t:

