@@ -733,10 +733,32 @@ class Tracker:
         if self.run_id is None:
             return
         self.flush()
+        _wake_async_logging(self.client, self.run_id)
         try:
             self.client.set_terminated(self.run_id, status)
         except Exception as e:
             log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, _one_line(e))
+
+
+def _wake_async_logging(client, run_id: str) -> None:
+    """Let MLflow's async logging thread stop now rather than within a second.
+
+    ``set_terminated`` (and interpreter exit) stop that thread and wait for it, and it polls its queue with a
+    1 s timeout: every stage paid up to a second for nothing after its last metric. Stopping it here the way
+    its own shutdown does (the stop event), plus an empty batch that wakes it, ends the wait at once; the
+    queue state is then what ``set_terminated`` expects. Private to MLflow: on any difference this does
+    nothing and the old wait comes back (measured: SFT stage on the tiny profile 1.0 s less per stage).
+    """
+    try:
+        from mlflow.utils.async_logging.run_batch import RunBatch
+
+        queue = client._tracking_client.store._async_logging_queue
+        if not queue.is_active():
+            return
+        queue._stop_data_logging_thread_event.set()
+        queue._queue.put(RunBatch(run_id=run_id))
+    except Exception as e:  # noqa: BLE001 - an optimisation only
+        log.debug("MLflow's async logging queue not woken: %s", e)
 
 
 def _status_for(exc: BaseException | None) -> str:
