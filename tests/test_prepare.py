@@ -177,6 +177,19 @@ def test_bad_params_one_line(tmp_path, demo_raw):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["reward", "--set", "reward.max_steps=3"], "No such option: --set"),
+    (["prepare", "--eval-fraction", "0.2"], "No such option: --eval-fraction"),
+    (["no-such-command"], "No such command"),
+    (["run", "--threads", "many"], "Invalid value for '--threads'"),
+])
+def test_command_line_mistakes_are_a_usage_line_not_a_traceback(tmp_path, args, needle):
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "--help' for help" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_gzipped_jsonl_is_read_transparently(tmp_path):
     import gzip
 

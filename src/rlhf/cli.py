@@ -513,6 +513,12 @@ def _threads_for_this_machine() -> None:
                                                           "(OMP_NUM_THREADS to choose)"))
 
 
+# typer >= 0.25 vendors click (``typer._click``): its usage errors, Exit and Abort are not click's own classes
+_EXITS = tuple({click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit)})
+_ABORTS = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
+_USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -531,14 +537,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         typer.secho(f"error: {e.one_line()}", err=True, fg=typer.colors.RED)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except _EXITS as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except _USAGE_ERRORS as e:  # an unknown option, a missing or bad value: click's usage message, exit 2
+        if hasattr(e, "show"):
+            e.show()
+        else:
+            typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
