@@ -7,6 +7,9 @@ ppo.seed=S`` per seed. With ``--peer REV`` the same runs are made on that revisi
 worktree under ``--work``, the same virtualenv and raw data, ``PYTHONPATH`` pointing at its ``src``),
 alternating ours and the peer's per seed, so a slower or faster spell of the machine touches both.
 
+The machine's fp32 matmul rate (``benchmarks/machine.py``) is measured at the start and the end: this
+machine's speed varies by a quarter from hour to hour, so absolute times are comparable only beside it.
+
 Reported per run: the pipeline's wall time (the summary's), the steps' compute (training loops) and overhead
 (start-up and imports, model loading, evaluation, saving, tracking), each stage's wall time, the gate, and
 the learning outcome (gold of the PPO policy vs the SFT policy on the eval prompts). Then mean wall times
@@ -25,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 from statistics import mean
+
+from machine import matmul_gflops  # benchmarks/machine.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "validate", "sft", "reward", "ppo", "evaluate", "register")
@@ -98,14 +103,20 @@ def main() -> None:
     if args.peer:
         trees[args.peer] = checkout(args.peer, args.work)
     rows = []
+    gflops = {"start": matmul_gflops()}
+    print(f"fp32 matmul (1024 x 1024, torch): {gflops['start']:.0f} GFLOP/s at the start", flush=True)
     for seed in args.seeds:
         for rev, tree in trees.items():
             r = {"rev": rev, **one_run(tree, seed, args.work / f"{rev.replace('/', '_')}-seed{seed}")}
             rows.append(r)
             print(table([r]).splitlines()[-1], flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            args.out.write_text(json.dumps({"matmul_gflops": gflops, "runs": rows}, indent=1) + "\n")
+    gflops["end"] = matmul_gflops()
+    args.out.write_text(json.dumps({"matmul_gflops": gflops, "runs": rows}, indent=1) + "\n")
     print("\n" + table(rows))
+    print(f"fp32 matmul: {gflops['start']:.0f} GFLOP/s at the start, {gflops['end']:.0f} at the end "
+          "(the machine's speed varies from day to day: compare runs made side by side)")
     walls = {rev: [r["wall"] for r in rows if r["rev"] == rev and "wall" in r] for rev in trees}
     for rev, w in walls.items():
         if w:

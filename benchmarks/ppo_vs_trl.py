@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import matmul_gflops  # benchmarks/machine.py (this script's folder is on sys.path)
+
 os.environ.setdefault("RLHF_TRACKING", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -312,20 +314,6 @@ def prepare_inputs(args) -> tuple[Path, Path, Path]:
         train_reward(ds, sft, rm, RewardConfig(max_steps=200, batch_size=16, lr=1e-3, max_seq_len=128,
                                                eval_max_rows=128, gold_pairs=200), mc)
     return ds, sft, rm
-
-
-def matmul_gflops(n: int = 1024, seconds: float = 3.0) -> float:
-    """The fp32 GFLOP/s a large torch matmul reaches here (this process's threads): the machine's matmul limit."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def useful_flops_per_episode(sft: Path, prompts: list[str], lora: bool) -> dict:

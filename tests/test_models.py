@@ -179,6 +179,32 @@ def test_lora_policy_has_only_adapter_params_trainable(tiny_dir):
         assert not torch.allclose(model(**enc).logits, ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_loss_on_the_response_positions_equals_the_loss_on_every_logit(tiny_dir, lora):
+    """lm_loss_sum runs the LM head only from the batch's first response token on: the same loss and
+    gradient as the head on every position (plain model and LoRA), rows of different prompt lengths."""
+    from rlhf.train.sft import collate, encode, lm_loss_sum
+
+    model, tok = M.load_policy(tiny_dir, _cfg(lora=lora, lora_r=4, lora_alpha=8), for_training=True)
+    rows = [encode(tok, p, r, 128) for p, r in [("Any advice on chess?", "Play the centre."),
+                                                ("How do I start a vegetable garden in a small yard?", "Sun."),
+                                                ("Hi", "Hello there, how can I help you today?")]]
+    batch = collate(rows, tok.pad_token_id)
+    loss, n = lm_loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                            batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert n == sum(sum(t != -100 for t in r[1][1:]) for r in rows)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[k], p.grad, atol=1e-6), k
+
+
 def _perturbed_lora_policy(tiny_dir):
     model, tok = M.load_policy(tiny_dir, _cfg(lora=True, lora_r=4, lora_alpha=8), for_training=True)
     gen = torch.Generator().manual_seed(0)

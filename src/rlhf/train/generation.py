@@ -150,7 +150,7 @@ def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mas
     # (B, R + 1, V) logits are made only to be sliced (whose backward would allocate another one).
     n_resp = ids.shape[1] - query_len
     keep = {"logits_to_keep": torch.arange(query_len - 1, ids.shape[1] - 1, device=ids.device)} \
-        if _accepts_logits_to_keep(model) else {}
+        if accepts_logits_to_keep(model) else {}
     if with_hidden:
         keep["output_hidden_states"] = True
     out = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
@@ -164,7 +164,7 @@ def response_logits(model, rollout_or_ids: Rollout | torch.Tensor, attention_mas
     return (logits, out.hidden_states[-1]) if with_hidden else logits
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any DDP/PEFT wrappers takes ``logits_to_keep`` in its forward."""
     import inspect
 
