@@ -54,9 +54,9 @@ If the server goes away *after* the start, training neither dies nor waits:
   what is logged meanwhile goes out together in the next one. A round per training
   step cost the loop 20 % of its speed on a 2-core machine (the SQLite writes and
   the request thread compete with it for the cores and the GIL: SFT on the tiny
-  profile, 200 steps, 6.4 s of compute with a round per step vs 5.1 s untracked). MLflow's queue itself is unbounded and cannot be
-  cancelled: closing a run and interpreter exit wait for every queued request,
-  each paying the full retry time (measured: 50 single-step requests queued
+  profile, 200 steps, 6.4 s of compute with a round per step vs 5.1 s untracked).
+  MLflow's queue itself is unbounded and cannot be cancelled: closing a run and
+  interpreter exit wait for every queued request, each paying the full retry time (measured: 50 single-step requests queued
   against a killed server took 36 s to drain; with MLflow's default retries one
   round of 10 took 246 s). ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` (MLflow
   merging queued calls) is not used: it reports a failed merged request to the
