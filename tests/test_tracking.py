@@ -304,6 +304,18 @@ def test_a_step_per_call_goes_out_in_a_few_rounds_and_every_value_is_stored(mlfl
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 201))
 
 
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_send_interval_is_one_line_before_a_run_exists(mlflow_sqlite, monkeypatch, request, value):
+    from rlhf.errors import ConfigError
+
+    monkeypatch.setenv(tracking.ENV_SEND_SECONDS, value)
+    with pytest.raises(ConfigError, match=f"RLHF_MLFLOW_SEND_SECONDS='{value}' is not a number of seconds"):
+        with tracking.stage_run("sft"):
+            pass
+    exp = mlflow_sqlite.get_experiment_by_name(request.node.name)
+    assert exp is None or not mlflow_sqlite.search_runs([exp.experiment_id])
+
+
 def test_metrics_left_unsent_at_the_end_are_saved_locally(mlflow_sqlite, tracking_db, tmp_path, caplog):
     client = mlflow_sqlite
     with tracking.stage_run("sft") as t:

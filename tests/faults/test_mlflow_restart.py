@@ -21,8 +21,9 @@ STEPS = 200
 
 
 def _env(server: MlflowServer, tmp_path) -> dict[str, str]:
-    # no HTTP retries: a refused request fails at once, so the outage shows within a step of the kill
-    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_NAME": "restart",
+    # no HTTP retries and a round of metric requests whenever none is in flight (not every 2 s): a refused
+    # request fails at once, so the outage shows within a step of the kill however fast the steps are
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "RLHF_MLFLOW_SEND_SECONDS": "0", "RLHF_TRACKING": "on", "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_NAME": "restart",
             "RLHF_UNSENT_DIR": str(tmp_path / "unsent"), "OMP_NUM_THREADS": "1", "RLHF_PROFILE": "",
             "RLHF_PARENT_RUN_ID": "", "RLHF_PIPELINE_RUN_ID": "", "KFP_RUN_ID": "",
             "RLHF_DATA_HASH": "feedfacefeedfacefeedfacefeedface.dir"}

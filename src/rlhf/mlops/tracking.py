@@ -50,7 +50,8 @@ If the server goes away *after* the start, training neither dies nor waits:
   (``INVALID_PARAMETER_VALUE``: a bad key, a deleted run) cannot be resent; they
   are saved at once (below).
 * One round of requests is in flight per run, and a new round starts at most every
-  ``SEND_SECONDS`` (2 s; at once when a full request of 1000 values is waiting):
+  ``SEND_SECONDS`` (2 s, or ``$RLHF_MLFLOW_SEND_SECONDS``; at once when a full
+  request of 1000 values is waiting):
   what is logged meanwhile goes out together in the next one. A round per training
   step cost the loop 20 % of its speed on a 2-core machine (the SQLite writes and
   the request thread compete with it for the cores and the GIL: SFT on the tiny
@@ -97,7 +98,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import AccessDenied, UserError
+from rlhf.errors import AccessDenied, ConfigError, UserError
 from rlhf.redact import (
     REDACTED,
     config_params,
@@ -116,6 +117,7 @@ ENV_DATA_HASH = "RLHF_DATA_HASH"
 ROLE_TAG = "rlhf.role"
 RETRY_SECONDS = 30.0  # while MLflow is down: how often kept metrics are tried again
 SEND_SECONDS = 2.0  # while it is up: how often a round of metric requests starts (the first at once)
+ENV_SEND_SECONDS = "RLHF_MLFLOW_SEND_SECONDS"  # another interval (0: a round whenever none is in flight)
 UNSENT_DIR = "mlflow-unsent"
 ENV_UNSENT_DIR = "RLHF_UNSENT_DIR"
 # A refused connection gives up after about 7 s (MLflow's defaults, 7 retries x factor 2: about 4 minutes).
@@ -365,6 +367,7 @@ def connect():
     """
     import mlflow
 
+    send_seconds()  # a bad $RLHF_MLFLOW_SEND_SECONDS stops here, before a run exists
     uri = tracking_uri()
     check_reachable(uri)
     _bounded_http_retries()
@@ -556,6 +559,7 @@ class Tracker:
         self._outage_since: float | None = None
         self._next_retry = 0.0
         self._next_round = 0.0  # when the next round may start while MLflow is up (SEND_SECONDS)
+        self._send_seconds = send_seconds() if self.run_id is not None else SEND_SECONDS
 
     @property
     def client(self):
@@ -602,7 +606,7 @@ class Tracker:
                 return
         elif not now and t < self._next_round and len(self._held) < MAX_ENTITIES_PER_BATCH:
             return
-        self._next_round = t + SEND_SECONDS
+        self._next_round = t + self._send_seconds
         chunks = _chunks(self._held)
         send = chunks[:1] if self._outage_since is not None else chunks
         self._held = [v for chunk in chunks[len(send):] for v in chunk]
@@ -738,6 +742,23 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
         except Exception as e:
             log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, _one_line(e))
+
+
+def send_seconds() -> float:
+    """How often a round of metric requests may start while MLflow is up: ``$RLHF_MLFLOW_SEND_SECONDS``, else
+    :data:`SEND_SECONDS`."""
+    raw = os.environ.get(ENV_SEND_SECONDS, "").strip()
+    if not raw:
+        return SEND_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{ENV_SEND_SECONDS}={raw!r} is not a number of seconds >= 0",
+                          hint=f"unset it (every {SEND_SECONDS:g} s) or give e.g. 0.5; 0 sends whenever nothing is "
+                               "in flight")
+    return value
 
 
 def _wake_async_logging(client, run_id: str) -> None:
