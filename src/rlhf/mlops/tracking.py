@@ -57,8 +57,8 @@ If the server goes away *after* the start, training neither dies nor waits:
   the request thread compete with it for the cores and the GIL: SFT on the tiny
   profile, 200 steps, 6.4 s of compute with a round per step vs 5.1 s untracked).
   MLflow's queue itself is unbounded and cannot be cancelled: closing a run and
-  interpreter exit wait for every queued request, each paying the full retry time (measured: 50 single-step requests queued
-  against a killed server took 36 s to drain; with MLflow's default retries one
+  interpreter exit wait for every queued request, each paying the full retry time
+  (measured: 50 single-step requests queued against a killed server took 36 s to drain; with MLflow's default retries one
   round of 10 took 246 s). ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` (MLflow
   merging queued calls) is not used: it reports a failed merged request to the
   first call only (measured: 2 s buffering, 10 calls, server killed after the
